@@ -59,7 +59,7 @@ for _mod in ("train", "predict", "slide", "bench"):
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with `argv` (default `sys.argv[1:]`) and return the exit code."""
     try:
-        app(args=argv, prog_name="ldiffusion", standalone_mode=False)
+        rc = app(args=argv, prog_name="ldiffusion", standalone_mode=False)
     except LDiffusionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as e:
         e.show()
         return 2
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 def entry() -> None:

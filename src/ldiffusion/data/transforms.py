@@ -1,0 +1,243 @@
+"""Paired image / mask augmentation driven by an explicit `torch.Generator`.
+
+Geometric operations (crop, pad, flips, 90-degree rotations) are exact pixel permutations, so
+labels and instance maps keep their value set: masks are never interpolated. Colour jitter
+touches the image only.
+
+Arrays are numpy, channels last: image (H, W, 3) uint8, label (H, W) integer class ids,
+inst (H, W) integer instance ids. The same generator state gives the same output.
+
+Example:
+    >>> import numpy as np, torch
+    >>> t = TrainTransform(crop_px=32, flips=True, rot90=True)
+    >>> img, lab, inst = t(np.zeros((40, 40, 3), np.uint8), np.zeros((40, 40), np.uint8),
+    ...                    generator=torch.Generator().manual_seed(0))
+    >>> img.shape, lab.shape, inst is None
+    ((32, 32, 3), (32, 32), True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ldiffusion.core.config import Config, check_range
+from ldiffusion.core.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+PadMode = Literal["reflect", "constant"]
+
+
+def _randint(high: int, generator: torch.Generator) -> int:
+    """Draw an integer uniformly from [0, high) with `generator`."""
+    return int(torch.randint(0, max(int(high), 1), (1,), generator=generator).item())
+
+
+def _uniform(lo: float, hi: float, generator: torch.Generator) -> float:
+    """Draw a float uniformly from [lo, hi) with `generator`."""
+    return lo + (hi - lo) * float(torch.rand((), generator=generator).item())
+
+
+def pad_to(
+    image: np.ndarray,
+    label: np.ndarray,
+    inst: np.ndarray | None,
+    size_px: int,
+    *,
+    ignore_index: int = 255,
+    pad_mode: PadMode = "reflect",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Pad all arrays (centred) so that both sides are at least `size_px`.
+
+    The image is padded by reflection (or zeros with `pad_mode="constant"`), the label with
+    `ignore_index` and the instance map with 0 (no object).
+
+    Args:
+        image: (H, W, 3).
+        label: (H, W).
+        inst: (H, W) or None.
+        size_px: minimum side after padding.
+        ignore_index: label value of padded pixels.
+        pad_mode: "reflect" or "constant" (zeros) for the image.
+
+    Returns:
+        (image, label, inst), unchanged when already large enough.
+    """
+    h, w = label.shape
+    dh, dw = max(size_px - h, 0), max(size_px - w, 0)
+    if dh == 0 and dw == 0:
+        return image, label, inst
+    pads = ((dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2))
+    image = np.pad(image, (*pads, (0, 0)), mode=pad_mode)
+    label = np.pad(label, pads, mode="constant", constant_values=ignore_index)
+    if inst is not None:
+        inst = np.pad(inst, pads, mode="constant", constant_values=0)
+    return image, label, inst
+
+
+def random_crop(
+    image: np.ndarray,
+    label: np.ndarray,
+    inst: np.ndarray | None,
+    crop_px: int,
+    *,
+    generator: torch.Generator,
+    ignore_index: int = 255,
+    pad_mode: PadMode = "reflect",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Crop a random `crop_px` square (padding first when a side is smaller).
+
+    Args:
+        image: (H, W, 3).
+        label: (H, W).
+        inst: (H, W) or None.
+        crop_px: side of the crop in pixels (> 0).
+        generator: source of the crop offset.
+        ignore_index: label value of padded pixels.
+        pad_mode: image padding, "reflect" or "constant" (zeros).
+
+    Returns:
+        (image (crop_px, crop_px, 3), label (crop_px, crop_px), inst (crop_px, crop_px) or None).
+    """
+    image, label, inst = pad_to(image, label, inst, crop_px, ignore_index=ignore_index, pad_mode=pad_mode)
+    h, w = label.shape
+    y = _randint(h - crop_px + 1, generator)
+    x = _randint(w - crop_px + 1, generator)
+    sl = (slice(y, y + crop_px), slice(x, x + crop_px))
+    return image[sl], label[sl], (inst[sl] if inst is not None else None)
+
+
+def color_jitter(image: np.ndarray, strength: float, *, generator: torch.Generator) -> np.ndarray:
+    """Randomly change brightness, contrast, saturation and hue of an RGB image.
+
+    Factors are drawn uniformly from [1 - s, 1 + s] (brightness, contrast, saturation) and the hue
+    is rotated by an angle in [-s, s] * 60 degrees in YIQ chroma space.
+
+    Args:
+        image: (H, W, 3) uint8.
+        strength: s in [0, 1]; 0 returns the image unchanged (no draws are made).
+        generator: source of the four factors.
+
+    Returns:
+        (H, W, 3) uint8.
+    """
+    if strength <= 0:
+        return image
+    s = float(strength)
+    b = _uniform(1 - s, 1 + s, generator)
+    c = _uniform(1 - s, 1 + s, generator)
+    sat = _uniform(1 - s, 1 + s, generator)
+    hue = _uniform(-s, s, generator) * np.pi / 3
+    x = image.astype(np.float32) / 255.0
+    x = x * b
+    grey = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    x = (x - grey.mean()) * c + grey.mean()
+    grey = (x @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
+    x = (x - grey) * sat + grey
+    # hue: rotate the I/Q chroma plane
+    to_yiq = np.array(
+        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float32
+    )
+    rot = np.array(
+        [[1, 0, 0], [0, np.cos(hue), -np.sin(hue)], [0, np.sin(hue), np.cos(hue)]], dtype=np.float32
+    )
+    m = np.linalg.inv(to_yiq) @ rot @ to_yiq
+    x = x @ m.T.astype(np.float32)
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainTransform(Config):
+    """Training augmentation: random crop, flips, 90-degree rotations, colour jitter.
+
+    Attributes:
+        crop_px: side of the random square crop, or None to keep the full image.
+        flips: random horizontal and vertical flips (p = 0.5 each).
+        rot90: random rotation by k * 90 degrees, k uniform in {0, 1, 2, 3}.
+        color_jitter: jitter strength in [0, 1] for the image only (0 = off).
+        ignore_index: label value of padded pixels.
+        pad_mode: image padding when the image is smaller than `crop_px`.
+    """
+
+    crop_px: int | None = None
+    flips: bool = True
+    rot90: bool = True
+    color_jitter: float = 0.0
+    ignore_index: int = 255
+    pad_mode: PadMode = "reflect"
+
+    def __post_init__(self) -> None:
+        if self.crop_px is not None and self.crop_px < 1:
+            raise ConfigError(
+                f"crop_px={self.crop_px!r} is out of range; expected a positive integer or None"
+            )
+        check_range("color_jitter", self.color_jitter, 0.0, 1.0)
+        if self.pad_mode not in ("reflect", "constant"):
+            raise ConfigError(
+                f"pad_mode={self.pad_mode!r} is not valid; choose one of ['constant', 'reflect']"
+            )
+
+    def __call__(
+        self,
+        image: np.ndarray,
+        label: np.ndarray,
+        inst: np.ndarray | None = None,
+        *,
+        generator: torch.Generator,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Augment one sample.
+
+        Args:
+            image: (H, W, 3) uint8.
+            label: (H, W) integer class ids.
+            inst: (H, W) integer instance ids, or None.
+            generator: source of every random draw (same state -> same output).
+
+        Returns:
+            (image, label, inst) as contiguous arrays with the same dtypes; spatial size
+            (crop_px, crop_px) when `crop_px` is set, else (H, W) or (W, H) after a rotation.
+
+        Raises:
+            InputError: the arrays have mismatched sizes.
+        """
+        if (
+            image.ndim != 3
+            or image.shape[:2] != label.shape
+            or (inst is not None and inst.shape != label.shape)
+        ):
+            raise InputError(
+                f"expected image (H, W, 3), label (H, W) and inst (H, W) of equal H, W; got {image.shape}, "
+                f"{label.shape}, {None if inst is None else inst.shape}"
+            )
+        if self.crop_px is not None:
+            image, label, inst = random_crop(
+                image,
+                label,
+                inst,
+                self.crop_px,
+                generator=generator,
+                ignore_index=self.ignore_index,
+                pad_mode=self.pad_mode,
+            )
+        if self.flips:
+            for axis in (0, 1):
+                if _randint(2, generator):
+                    image, label = np.flip(image, axis), np.flip(label, axis)
+                    inst = np.flip(inst, axis) if inst is not None else None
+        if self.rot90:
+            k = _randint(4, generator)
+            if k:
+                image, label = np.rot90(image, k, axes=(0, 1)), np.rot90(label, k, axes=(0, 1))
+                inst = np.rot90(inst, k, axes=(0, 1)) if inst is not None else None
+        if self.color_jitter > 0:
+            image = color_jitter(image, self.color_jitter, generator=generator)
+        return (
+            np.ascontiguousarray(image),
+            np.ascontiguousarray(label),
+            np.ascontiguousarray(inst) if inst is not None else None,
+        )

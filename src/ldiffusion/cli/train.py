@@ -1,0 +1,98 @@
+"""`ldiffusion train`: train a method on a prepared data set into a run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ldiffusion.cli._common import DEVICE, SEED
+from ldiffusion.core.config import load_mapping
+from ldiffusion.core.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def run_training(method_name: str, data: Path, out: Path, *, preset: str | None = None,
+                 config_file: Path | None = None, overrides: list[str] | None = None, resume: bool = False,
+                 device: str = "auto", seed: int = 0, max_minutes: float | None = None,
+                 annotated_fraction: float = 1.0, autoencoder: Path | None = None,
+                 progress: bool = True) -> Any:
+    """Build the data sets and the method, then run `train.loop.fit`; return its `FitResult`."""
+    from ldiffusion.core.device import resolve_device
+    from ldiffusion.core.rng import seed_everything
+    from ldiffusion.data.dataset import SegmentationDataset, annotated_subset
+    from ldiffusion.data.format import read_dataset_info
+    from ldiffusion.data.transforms import TrainTransform
+    from ldiffusion.methods import METHODS, create_method, resolve_config
+    from ldiffusion.train.loop import fit
+
+    cls = METHODS.get(method_name)  # unknown method -> ConfigError with the list and a suggestion
+    state = out / "train_state.pt"
+    if state.exists() and not resume:
+        raise CheckpointError(f"{out} already holds a training state ({state}); pass --resume to continue it "
+                              "or choose a new --out folder")
+    if resume and not state.exists():
+        raise CheckpointError(f"{state}: not found; nothing to resume (drop --resume to start a new run)")
+    info = read_dataset_info(data)
+    file_cfg = load_mapping(config_file) if config_file is not None else None
+    sets = [f"seed={seed}"]
+    if max_minutes is not None:
+        sets.append(f"max_minutes={max_minutes}")
+    if autoencoder is not None:
+        names = {f.name for f in dataclasses.fields(cls.config_cls)}
+        if "autoencoder" not in names:
+            raise ConfigError(f"method {method_name!r} does not use a pretrained autoencoder; drop --autoencoder")
+        if not (autoencoder / "model.safetensors").is_file():
+            raise CheckpointError(f"{autoencoder / 'model.safetensors'}: not found; train one with "
+                                  "`ldiffusion train --method autoencoder --out RUN`")
+        sets.append(f"autoencoder={autoencoder}")
+    cfg = resolve_config(method_name, file_cfg, preset, [*sets, *(overrides or [])])
+    dev = resolve_device(device)
+    seed_everything(cfg.seed)
+    method = create_method(method_name, cfg, num_classes=info.num_classes, class_names=info.class_names)
+    annotated = None
+    if annotated_fraction < 1.0:
+        annotated = annotated_subset(info.ids("train"), annotated_fraction, cfg.seed)
+    transform = TrainTransform(crop_px=cfg.crop_px, flips=cfg.flips, rot90=cfg.rot90,
+                               color_jitter=cfg.color_jitter)
+    train_ds = SegmentationDataset(data, "train", transform=transform, seed=cfg.seed, annotated_ids=annotated)
+    val_ds = SegmentationDataset(data, "val") if info.splits.get("val") else None
+    data_info = {"name": info.name, "root": str(data), "task": info.task, "annotated_fraction": annotated_fraction,
+                 "n_annotated": len(annotated) if annotated is not None else len(info.ids("train"))}
+    method.extra_info = {"data": data_info, "palette": info.palette.tolist()}
+    return fit(method, train_ds, val_ds, out, device=dev, generator_seed=cfg.seed, resume=resume,
+               progress=progress, run_info={"data": data_info})
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `train` command to `app`."""
+
+    @app.command("train")
+    def train(
+        method: str = typer.Option(..., "--method", help="Method name (unet, autoencoder, ...)."),
+        data: Path = typer.Option(..., "--data", help="Prepared data set folder (with dataset.json)."),
+        out: Path = typer.Option(..., "--out", help="Run folder to write (config.json, model.safetensors, ...)."),
+        preset: str = typer.Option(None, "--preset", help="Preset: tiny, small or paper (method default: tiny)."),
+        config: Path = typer.Option(None, "--config", help="YAML/JSON file of config values."),
+        set_: list[str] = typer.Option(None, "--set", help="Override a config value: key=value (repeatable)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from train_state.pt."),
+        device: str = DEVICE,
+        seed: int = SEED,
+        max_minutes: float = typer.Option(None, "--max-minutes", help="Wall-clock budget per stage, minutes."),
+        annotated_fraction: float = typer.Option(1.0, "--annotated-fraction",
+                                                 help="Share of training images that keep their labels."),
+        autoencoder: Path = typer.Option(None, "--autoencoder", help="Run folder of a trained autoencoder."),
+        no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    ) -> None:
+        """Train METHOD on DATA; the weights chosen on the validation split go to OUT/model.safetensors."""
+        result = run_training(method, data, out, preset=preset, config_file=config, overrides=list(set_ or []),
+                              resume=resume, device=device, seed=seed, max_minutes=max_minutes,
+                              annotated_fraction=annotated_fraction, autoencoder=autoencoder,
+                              progress=not no_progress)
+        score = "n/a" if result.best_score is None else f"{result.best_score:.4f}"
+        print(f"trained {method} -> {out} (best validation score {score}; weights {out / 'model.safetensors'}, "
+              f"log {out / 'metrics.jsonl'})")

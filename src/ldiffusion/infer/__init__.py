@@ -1,0 +1,1 @@
+"""Inference: sliding-window prediction of images, folders and slides."""

@@ -1,0 +1,284 @@
+"""Method base classes: `MethodConfig`, `Stage`, `Trainable` and the `Segmenter` interface.
+
+A method decides *what a step computes* (`training_step`) and how it predicts; the one loop in
+`ldiffusion.train.loop.fit` decides iteration, precision, checkpoints, validation and logging.
+Multi-stage methods (L-Diffusion: autoencoder -> diffusion -> segmenter) describe their stages with
+`stages()` and run through the same loop.
+
+Run folder written by `save(dir)`: `config.json` (method name, config, num_classes, class names,
+in_channels, package version) + `model.safetensors` (inference weights only, see
+`inference_state_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+import ldiffusion
+from ldiffusion.core.config import Config, check_range
+from ldiffusion.core.errors import ConfigError
+from ldiffusion.core.io import save_weights, write_json
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MethodConfig(Config):
+    """Fields shared by every method.
+
+    Attributes:
+        preset: name of the preset the config was built from (informational).
+        crop_px: training crop size in pixels.
+        batch_size: training batch size.
+        lr: learning rate of the main optimiser.
+        steps: optimiser steps per stage (ignored when `epochs` is set).
+        epochs: when set, a stage runs `epochs` passes over its training samples instead.
+        val_every: validate every this many steps (and at the end of each stage); 0 = only at the end.
+        ckpt_every: write `train_state.pt` every this many steps (and at the end).
+        n_samples: stochastic methods average this many draws in `predict_proba`.
+        seed: seed of the run (initialisation, data order, noise).
+        precision: "fp32" or "bf16" autocast for training steps.
+        max_minutes: wall-clock budget per stage; the stage stops cleanly (checkpointed) when spent.
+        grad_clip: clip the gradient norm of each optimiser's parameters (None = off).
+        flips, rot90, color_jitter: training augmentation.
+        num_workers: DataLoader workers (0 = in-process).
+    """
+
+    preset: str = "tiny"
+    crop_px: int = 64
+    batch_size: int = 4
+    lr: float = 1e-3
+    steps: int = 60
+    epochs: int | None = None
+    val_every: int = 20
+    ckpt_every: int = 50
+    n_samples: int = 1
+    seed: int = 0
+    precision: Precision = "fp32"
+    max_minutes: float | None = None
+    grad_clip: float | None = 1.0
+    flips: bool = True
+    rot90: bool = True
+    color_jitter: float = 0.0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("crop_px", self.crop_px, 1)
+        check_range("batch_size", self.batch_size, 1)
+        check_range("lr", self.lr, 0.0, lo_open=True)
+        check_range("steps", self.steps, 1)
+        if self.epochs is not None:
+            check_range("epochs", self.epochs, 1)
+        check_range("val_every", self.val_every, 0)
+        check_range("ckpt_every", self.ckpt_every, 1)
+        check_range("n_samples", self.n_samples, 1)
+        check_range("num_workers", self.num_workers, 0)
+        check_range("color_jitter", self.color_jitter, 0.0, 1.0)
+        if self.max_minutes is not None:
+            check_range("max_minutes", self.max_minutes, 0.0, lo_open=True)
+        if self.grad_clip is not None:
+            check_range("grad_clip", self.grad_clip, 0.0, lo_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """One Adam optimiser of a stage: its parameters, learning rate, betas and weight decay."""
+
+    params: Sequence[nn.Parameter]
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One training stage run by `fit`.
+
+    Attributes:
+        name: stage name, passed to `training_step(..., stage=name)` and logged.
+        optimizers: optimiser name -> spec; `training_step` returns one loss per name.
+        steps: optimiser steps (used when `epochs` is None).
+        batch_size: batch size.
+        epochs: when set, the stage runs this many passes over its samples.
+        selects_on_val: keep the best-on-validation weights of this stage (else the last ones).
+        uses_unannotated: also train on images whose labels are withheld (`annotated=False`).
+        val_every: validation period in steps (0 = only at the end of the stage).
+    """
+
+    name: str
+    optimizers: dict[str, OptimizerSpec]
+    steps: int
+    batch_size: int
+    epochs: int | None = None
+    selects_on_val: bool = True
+    uses_unannotated: bool = False
+    val_every: int = 0
+
+
+class Trainable(nn.Module, ABC):
+    """Anything `fit` can train: a network plus its losses, stages and run-folder format.
+
+    Subclasses set the class attributes `name` (registry key), `config_cls` and `presets`
+    (preset name -> dict of config overrides), and implement `training_step`.
+    """
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: validation score name, written to metrics.jsonl ("higher is better").
+    score_name: ClassVar[str] = "score"
+
+    def __init__(self, cfg: MethodConfig, num_classes: int, in_channels: int = 3,
+                 class_names: Sequence[str] | None = None) -> None:
+        super().__init__()
+        if not isinstance(cfg, self.config_cls):
+            raise ConfigError(f"method {self.name!r} needs a {self.config_cls.__name__}, "
+                              f"got {type(cfg).__name__}")
+        if num_classes < 1:
+            raise ConfigError(f"num_classes={num_classes} should be >= 1")
+        self.cfg = cfg
+        self.num_classes = int(num_classes)
+        self.in_channels = int(in_channels)
+        self.class_names = list(class_names) if class_names is not None else \
+            [f"class{i}" for i in range(num_classes)]
+        self.extra_info: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ training
+    @abstractmethod
+    def training_step(self, batch: dict[str, Any], generator: torch.Generator,
+                      stage: str) -> dict[str, torch.Tensor]:
+        """Compute the losses of one step.
+
+        Args:
+            batch: collated batch (`image` (B, 3, H, W) float32 in [0, 1] on the device, `label`
+                (B, H, W) int64, `id` list[str], `annotated` (B,) bool).
+            generator: generator for every random draw of this step.
+            stage: name of the current `Stage`.
+
+        Returns:
+            One scalar loss per optimiser name of the stage, plus optional extra scalars to log
+            under keys "log/<name>" (never back-propagated).
+        """
+
+    def stages(self) -> list[Stage]:
+        """Return the training stages; default: one stage "main" with one Adam optimiser "model"."""
+        return [Stage(name="main",
+                      optimizers={"model": OptimizerSpec([p for p in self.parameters() if p.requires_grad],
+                                                         self.cfg.lr)},
+                      steps=self.cfg.steps, batch_size=self.cfg.batch_size, epochs=self.cfg.epochs,
+                      val_every=self.cfg.val_every)]
+
+    @abstractmethod
+    def validation_score(self, batches: Iterable[dict[str, Any]], generator: torch.Generator,
+                         stage: str) -> float:
+        """Return the validation score of the current weights (higher is better)."""
+
+    def on_stage_end(self, stage: str, train_batches: Iterable[dict[str, Any]]) -> None:
+        """Hook run once after a stage ends (after the best weights are restored)."""
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Map images (B, C, H, W) float32 in [0, 1] to the network input; shared by fit and predict."""
+        if images.ndim != 4 or images.shape[1] != self.in_channels:
+            raise ValueError(f"expected images (B, {self.in_channels}, H, W), got {tuple(images.shape)}")
+        return images.float()
+
+    # ------------------------------------------------------------------ run folder
+    def inference_state_dict(self) -> dict[str, torch.Tensor]:
+        """Return the weights needed at inference (default: the whole state dict)."""
+        return dict(self.state_dict())
+
+    def load_inference_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load weights produced by `inference_state_dict` (keys must match exactly)."""
+        expected = set(self.inference_state_dict())
+        got = set(state)
+        if expected != got:
+            missing, extra = sorted(expected - got)[:5], sorted(got - expected)[:5]
+            from ldiffusion.core.errors import CheckpointError
+
+            raise CheckpointError(f"weights do not match method {self.name!r}: missing {missing}, "
+                                  f"unexpected {extra}")
+        self.load_state_dict(state, strict=False)
+
+    def run_info(self) -> dict[str, Any]:
+        """Return the `config.json` content."""
+        return {
+            "method": self.name,
+            "config": self.cfg.to_dict(),
+            "num_classes": self.num_classes,
+            "class_names": self.class_names,
+            "in_channels": self.in_channels,
+            "ldiffusion_version": ldiffusion.__version__,
+            **self.extra_info,
+        }
+
+    def save(self, directory: str | Path) -> None:
+        """Write `config.json` and `model.safetensors` (inference weights) into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_weights(directory / "model.safetensors", self.inference_state_dict())
+        write_json(directory / "config.json", self.run_info())
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first parameter or buffer (CPU when there is none)."""
+        for t in [*self.parameters(), *self.buffers()]:
+            return t.device
+        return torch.device("cpu")
+
+
+class Segmenter(Trainable):
+    """A trainable semantic segmenter: images in, class probabilities out."""
+
+    score_name: ClassVar[str] = "val_dice"
+    #: H and W of the network input must be multiples of this (the tile predictor pads to it).
+    size_divisor: int = 1
+
+    @abstractmethod
+    def predict_proba(self, images: torch.Tensor, *,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Return class probabilities (B, K, H, W) summing to 1 over K.
+
+        Args:
+            images: (B, C, H, W) float32 in [0, 1]; H, W multiples of `size_divisor`.
+            generator: generator of stochastic methods (they average `n_samples` draws).
+        """
+
+    def predict_with_uncertainty(self, images: torch.Tensor, *, generator: torch.Generator | None = None,
+                                 n_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return `(probs (B, K, H, W), uncertainty (B, H, W))`.
+
+        The default (deterministic methods) is the normalised entropy of `probs`, in [0, 1].
+        Stochastic methods override this with a spread over `n_samples` draws.
+        """
+        probs = self.predict_proba(images, generator=generator)
+        ent = -(probs * torch.log(probs.clamp_min(1e-12))).sum(1)
+        return probs, ent / max(math.log(probs.shape[1]), 1e-12)
+
+    def predict(self, images: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Return class maps (B, H, W) int64 = argmax of `predict_proba`."""
+        return self.predict_proba(images, generator=generator).argmax(1)
+
+    def validation_score(self, batches: Iterable[dict[str, Any]], generator: torch.Generator,
+                         stage: str) -> float:
+        """Mean foreground Dice of argmax(predict_proba) over the validation set (dataset-level)."""
+        from ldiffusion.train.validation import DiceAccumulator, pad_to_multiple
+
+        acc = DiceAccumulator(self.num_classes)
+        with torch.no_grad():
+            for batch in batches:
+                images = batch["image"].to(self.device)
+                padded, (h, w) = pad_to_multiple(images, self.size_divisor)
+                probs = self.predict_proba(padded, generator=generator)[..., :h, :w]
+                acc.update(probs.argmax(1), batch["label"].to(probs.device))
+        return acc.mean_foreground_dice()

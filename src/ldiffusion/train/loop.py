@@ -1,0 +1,362 @@
+"""The one training loop: stages, seeded data order, bf16, grad clip, validation-based selection,
+atomic checkpoints, exact resume and JSONL logs.
+
+Determinism and resume. Nothing in the loop depends on hidden state:
+
+* the sample order of epoch `e` of a stage is `randperm` from a generator seeded with
+  `derive_seed(seed, stage, "epoch", e)`, and `train_ds.set_epoch(e)` (when present) re-seeds the
+  augmentation;
+* step `k` of a stage hands `training_step` a fresh generator seeded with
+  `derive_seed(seed, stage, "step", k)`; validation gets `derive_seed(seed, stage, "val")`;
+* `train_state.pt` stores the full state dict, optimiser states, counters, the best score and the
+  global RNG states (for dropout-like global draws), so a resumed run continues at step `k + 1` with
+  exactly the state an uninterrupted run has there and ends with identical weights.
+
+Validation (every `Stage.val_every` steps and at the end of a stage) scores the current weights
+with `method.validation_score` on the validation set only; when a stage `selects_on_val`, the best
+weights are written with `method.save(out_dir)` (-> `model.safetensors`) and restored at the end
+of the stage. The test split never reaches this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ldiffusion.core.device import autocast
+from ldiffusion.core.errors import CheckpointError, ConfigError
+from ldiffusion.core.io import load_weights, read_json, write_json
+from ldiffusion.core.rng import derive_seed, make_generator, rng_state, set_rng_state, worker_init_fn
+from ldiffusion.train.state import STATE_FILE, TrainState, counters, load_state, save_state
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+RESOLVED_FILE = "config.resolved.json"
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What `fit` did: output folder, best validation score of the last stage, steps run in this call."""
+
+    out_dir: Path
+    best_score: float | None
+    steps_run: int
+    finished: bool
+    stopped_by_budget: list[str]
+
+
+class _StopFit(Exception):
+    """Internal: `max_steps` reached."""
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _annotated_indices(ds: Dataset) -> list[int]:
+    """Indices of samples with labels, from `ds.ids`/`ds.annotated_ids` when present (no image reads)."""
+    ids = getattr(ds, "ids", None)
+    if ids is not None and hasattr(ds, "annotated_ids"):
+        keep = ds.annotated_ids
+        return [i for i, case_id in enumerate(ids) if keep is None or case_id in keep]
+    return [i for i in range(len(ds)) if bool(ds[i].get("annotated", True))]  # type: ignore[arg-type]
+
+
+def _epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    perm = torch.randperm(n, generator=generator).tolist()
+    batches = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    if n > batch_size and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+class _MetricsLog:
+    """Append-only `metrics.jsonl` (one JSON record per line, flushed per record)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def reset(self) -> None:
+        self.path.write_text("")
+
+    def truncate_after(self, stage_index: int, step: int) -> None:
+        """Keep records up to (stage_index, step), dropping what an interrupted run wrote later."""
+        if not self.path.is_file():
+            self.reset()
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the interruption
+            if (rec.get("stage_index", 0), rec.get("step", 0)) <= (stage_index, step):
+                keep.append(line)
+        self.path.write_text("".join(f"{x}\n" for x in keep))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | Path, *,
+        device: str | torch.device = "cpu", generator_seed: int = 0, resume: bool = False,
+        progress: bool = True, max_minutes: float | None = None, max_steps: int | None = None,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+        run_info: dict[str, Any] | None = None) -> FitResult:
+    """Train `method` through all its stages and write the run folder `out_dir`.
+
+    Args:
+        method: a `methods.base.Trainable` (moved to `device`).
+        train_ds: training data set (batch contract of `data.dataset`); `set_epoch(e)` is called
+            when present.
+        val_ds: validation data set or None (then the last weights are kept).
+        out_dir: run folder (`config.json`, `model.safetensors`, `train_state.pt`, `metrics.jsonl`,
+            `config.resolved.json`).
+        device: compute device.
+        generator_seed: seed of data order, per-step noise and validation noise.
+        resume: continue from `out_dir/train_state.pt`.
+        progress: show a tqdm bar on stderr.
+        max_minutes: wall-clock budget per stage (default `method.cfg.max_minutes`); a stage that
+            spends it stops cleanly, checkpointed, and the next stage starts.
+        max_steps: stop (checkpointed) after this many optimiser steps in this call, as if
+            interrupted; used by tests and for chunked jobs.
+        callback: called with every step record; a `KeyboardInterrupt` raised from it (or from
+            Ctrl-C between steps) checkpoints the last completed step and re-raises.
+        run_info: extra entries for `config.resolved.json` (data set, annotated fraction, ...).
+
+    Returns:
+        A `FitResult`.
+
+    Raises:
+        CheckpointError: `out_dir` holds a training state and `resume` is False, or the stored state
+            does not match the method/seed.
+    """
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    device = torch.device(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE_FILE
+    cfg = method.cfg
+    budget_min = max_minutes if max_minutes is not None else cfg.max_minutes
+    if state_path.exists() and not resume:
+        raise CheckpointError(f"{state_path} exists: pass --resume (resume=True) to continue that run, "
+                              "or choose a new output folder")
+    method.to(device)
+    resolved = {**method.run_info(), "seed": generator_seed, "device": str(device),
+                "n_train": len(train_ds), "n_val": len(val_ds) if val_ds is not None else 0,  # type: ignore[arg-type]
+                "stages": [{"name": s.name, "steps": s.steps, "epochs": s.epochs, "batch_size": s.batch_size,
+                            "selects_on_val": s.selects_on_val, "uses_unannotated": s.uses_unannotated,
+                            "optimizers": {k: {"lr": o.lr, "betas": list(o.betas)} for k, o in s.optimizers.items()}}
+                           for s in method.stages()],
+                **(run_info or {})}
+    log = _MetricsLog(out / METRICS_FILE)
+    st = TrainState()
+    saved: dict[str, Any] | None = None
+    if resume:
+        saved = load_state(state_path)
+        if saved["method"] != method.name:
+            raise CheckpointError(f"{state_path}: saved by method {saved['method']!r}, not {method.name!r}")
+        if saved["seed"] != generator_seed:
+            raise CheckpointError(f"{state_path}: saved with seed {saved['seed']}, resumed with "
+                                  f"{generator_seed}; resume with --seed {saved['seed']}")
+        old = out / RESOLVED_FILE
+        if old.is_file() and read_json(old).get("config") != resolved["config"]:
+            raise CheckpointError(f"{old}: the stored config differs from the resumed one; resume with "
+                                  "the same method, preset and --set values, or choose a new folder")
+        method.load_state_dict(saved["model"])
+        st = counters(saved)
+        set_rng_state(saved["rng"])
+        log.truncate_after(st.stage_index, st.step)
+        logger.info("resuming %s at stage %d (%s), step %d", out, st.stage_index, st.stage_name, st.step)
+    else:
+        log.reset()
+    write_json(out / RESOLVED_FILE, resolved)
+
+    stages = method.stages()
+    steps_run = 0
+    budget_stops: list[str] = []
+    t_call = time.monotonic()
+    with logging_redirect_tqdm():
+        for si, stage in enumerate(stages):
+            if si < st.stage_index:
+                continue
+            if si > st.stage_index:  # fresh stage
+                st = TrainState(stage_index=si)
+            st.stage_name = stage.name
+            indices = list(range(len(train_ds))) if stage.uses_unannotated else _annotated_indices(train_ds)  # type: ignore[arg-type]
+            if not indices:
+                raise ConfigError(f"stage {stage.name!r} needs annotated training images, but none of the "
+                                  f"{len(train_ds)} are annotated")  # type: ignore[arg-type]
+            bs = stage.batch_size
+            per_epoch = len(indices) // bs if len(indices) > bs else 1
+            total = stage.epochs * per_epoch if stage.epochs is not None else stage.steps
+            specs = stage.optimizers
+            opts = {name: torch.optim.Adam(list(s.params), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+                    for name, s in specs.items()}
+            if saved is not None and saved["stage_index"] == si and saved["optimizers"]:
+                for name, o in opts.items():
+                    o.load_state_dict(saved["optimizers"][name])
+            saved = None
+            gen_state = make_generator(derive_seed(generator_seed, stage.name, "loop")).get_state()
+
+            def checkpoint(st: TrainState = st, opts: dict[str, Any] = opts, gen_state: Any = gen_state) -> None:
+                save_state(state_path, method_name=method.name, model=method.state_dict(),
+                           optimizers={k: o.state_dict() for k, o in opts.items()}, state=st,
+                           seed=generator_seed, generator=gen_state, rng=rng_state())
+
+            def validate(st: TrainState = st, stage: Any = stage) -> None:
+                if val_ds is None or len(val_ds) == 0:  # type: ignore[arg-type]
+                    return
+                method.eval()
+                loader = DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=0)
+                score = method.validation_score((_to_device(b, device) for b in loader),
+                                                make_generator(derive_seed(generator_seed, stage.name, "val"),
+                                                               device), stage.name)
+                method.train()
+                improved = st.best_score is None or score > st.best_score
+                if improved:
+                    st.best_score, st.best_step = score, st.step
+                    if stage.selects_on_val:
+                        method.save(out)
+                log.write({"type": "val", "stage": stage.name, "stage_index": st.stage_index, "step": st.step,
+                           method.score_name: score, "best": bool(improved),
+                           "elapsed_s": round(st.elapsed_s, 3)})
+                logger.info("%s step %d: %s %.4f%s", stage.name, st.step, method.score_name, score,
+                            " (best)" if improved else "")
+
+            method.train()
+            t_stage = time.monotonic() - st.elapsed_s
+            bar = tqdm(total=total, initial=st.step, desc=f"{method.name}:{stage.name}", file=sys.stderr,
+                       disable=not progress, leave=False, dynamic_ncols=True)
+            validated_at = -1
+            in_update = False
+            try:
+                while st.step < total:
+                    st.epoch = st.step // per_epoch
+                    within = st.step % per_epoch
+                    if hasattr(train_ds, "set_epoch"):
+                        train_ds.set_epoch(st.epoch)
+                    g_epoch = make_generator(derive_seed(generator_seed, stage.name, "epoch", st.epoch))
+                    batches = [[indices[j] for j in b] for b in _epoch_batches(len(indices), bs, g_epoch)]
+                    loader = DataLoader(train_ds, batch_sampler=batches[within:per_epoch],
+                                        num_workers=cfg.num_workers, worker_init_fn=worker_init_fn,
+                                        generator=g_epoch, pin_memory=device.type == "cuda")
+                    for batch in loader:
+                        g_step = make_generator(derive_seed(generator_seed, stage.name, "step", st.step), device)
+                        batch = _to_device(batch, device)
+                        in_update = True
+                        with autocast(device, cfg.precision):
+                            losses = method.training_step(batch, g_step, stage.name)
+                        _apply(losses, specs, opts, cfg.grad_clip, stage.name, st.step)
+                        st.step += 1
+                        in_update = False
+                        steps_run += 1
+                        st.elapsed_s = time.monotonic() - t_stage
+                        rec = {"type": "step", "stage": stage.name, "stage_index": si, "step": st.step,
+                               "epoch": st.epoch,
+                               "losses": {k: float(losses[k].detach()) for k in specs},
+                               "log": {k[4:]: float(v.detach()) for k, v in losses.items() if k.startswith("log/")},
+                               "lr": {k: o.param_groups[0]["lr"] for k, o in opts.items()},
+                               "elapsed_s": round(st.elapsed_s, 3)}
+                        log.write(rec)
+                        bar.update(1)
+                        bar.set_postfix({k: f"{v:.4f}" for k, v in rec["losses"].items()}, refresh=False)
+                        if stage.val_every and st.step % stage.val_every == 0 and st.step < total:
+                            validate()
+                            validated_at = st.step
+                        over_budget = budget_min is not None and st.elapsed_s > budget_min * 60
+                        if st.step % cfg.ckpt_every == 0 or over_budget:
+                            checkpoint()
+                        if callback is not None:
+                            callback(rec)
+                        if over_budget:
+                            logger.warning("stage %s: wall-clock budget of %.2f min spent at step %d/%d; "
+                                           "stopping the stage", stage.name, budget_min, st.step, total)
+                            budget_stops.append(stage.name)
+                            total = st.step
+                            break
+                        if max_steps is not None and steps_run >= max_steps:
+                            raise _StopFit
+                        if st.step >= total:
+                            break
+            except _StopFit:
+                bar.close()
+                checkpoint()
+                return FitResult(out, st.best_score, steps_run, False, budget_stops)
+            except KeyboardInterrupt:
+                bar.close()
+                if in_update:
+                    logger.warning("interrupted inside step %d; keeping the previous checkpoint", st.step + 1)
+                else:
+                    checkpoint()
+                    logger.warning("interrupted; state of step %d saved to %s", st.step, state_path)
+                raise
+            bar.close()
+            # end of stage: final validation, restore the best weights, hook, save
+            if validated_at != st.step:
+                validate()
+            if stage.selects_on_val and st.best_score is not None and (out / "model.safetensors").is_file():
+                method.load_inference_state_dict(load_weights(out / "model.safetensors", device=str(device)))
+            method.eval()
+            hook_loader = DataLoader(train_ds, batch_sampler=[indices[i:i + bs] for i in range(0, len(indices), bs)],
+                                     num_workers=0)
+            method.on_stage_end(stage.name, (_to_device(b, device) for b in hook_loader))
+            method.train()
+            method.save(out)
+            best = st.best_score
+            st = TrainState(stage_index=si + 1, stage_name=stage.name, best_score=best, step=0)
+            opts = {}
+            checkpoint(st=st, opts=opts)
+            log.write({"type": "stage_end", "stage": stage.name, "stage_index": si, "step": total,
+                       "best_score": best, "elapsed_s": round(time.monotonic() - t_call, 3)})
+    method.eval()
+    return FitResult(out, st.best_score, steps_run, True, budget_stops)
+
+
+def _apply(losses: dict[str, torch.Tensor], specs: dict[str, Any], opts: dict[str, torch.optim.Optimizer],
+           grad_clip: float | None, stage: str, step: int) -> None:
+    """Back-propagate each optimiser's loss into its own parameters only, clip, and step.
+
+    All losses of a step are computed from the same (pre-update) weights; each optimiser gets the
+    gradient of its own loss w.r.t. its own parameters (`torch.autograd.grad`), so a generator loss
+    never leaks gradients into the discriminator and vice versa.
+    """
+    missing = [k for k in specs if k not in losses]
+    if missing:
+        raise KeyError(f"training_step of stage {stage!r} returned {sorted(losses)}, missing losses for "
+                       f"optimisers {missing}")
+    names = list(specs)
+    for i, name in enumerate(names):
+        loss = losses[name]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"stage {stage!r} step {step + 1}: loss {name!r} is {float(loss)}")
+        params = [p for p in specs[name].params if p.requires_grad]
+        grads = torch.autograd.grad(loss.float(), params, retain_graph=i < len(names) - 1, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = g
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
+        opts[name].step()
+        for p in params:
+            p.grad = None
+
+
+def iterate_batches(ds: Dataset, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Yield batches of `ds` in order (no shuffling)."""
+    yield from DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
+
+
+__all__ = ["FitResult", "fit", "iterate_batches"]

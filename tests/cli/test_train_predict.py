@@ -1,0 +1,47 @@
+"""End-to-end through the command line, in-process: train -> predict -> files; error paths exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ldiffusion.cli import main
+
+pytestmark = pytest.mark.e2e
+
+
+def test_train_then_predict(synth_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--method", "unet", "--data", str(synth_root), "--out", str(run), "--preset", "tiny",
+            "--set", "steps=4", "--set", "val_every=2", "--set", "base=4", "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    for f in ("config.json", "model.safetensors", "train_state.pt", "metrics.jsonl", "config.resolved.json"):
+        assert (run / f).is_file()
+    assert json.loads((run / "config.resolved.json").read_text())["config"]["steps"] == 4
+    # same folder again without --resume: a clear error
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    # --resume of a finished run is a no-op that succeeds
+    assert main([*args, "--resume"]) == 0
+    out = tmp_path / "pred"
+    assert main(["predict", str(run), "--data", str(synth_root), "--split", "test", "--out", str(out),
+                 "--uncertainty", "--no-progress", "--device", "cpu"]) == 0
+    test_ids = json.loads((synth_root / "dataset.json").read_text())["splits"]["test"]
+    for i in test_ids:
+        assert (out / f"{i}.png").is_file() and (out / f"{i}_overlay.png").is_file()
+        assert (out / f"{i}_unc.png").is_file()
+    img = synth_root / "images" / f"{test_ids[0]}.png"
+    assert main(["predict", str(run), str(img), "--out", str(tmp_path / "p2"), "--no-progress"]) == 0
+    assert (tmp_path / "p2" / f"{test_ids[0]}.png").is_file()
+
+
+def test_error_paths_exit_2(synth_root, tmp_path, capsys):
+    assert main(["train", "--method", "unett", "--data", str(synth_root), "--out", str(tmp_path / "r")]) == 2
+    assert "did you mean 'unet'" in capsys.readouterr().err
+    assert main(["train", "--method", "unet", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "r")]) == 2
+    assert main(["train", "--method", "unet", "--data", str(synth_root), "--out", str(tmp_path / "r"),
+                 "--set", "stpes=3"]) == 2
+    assert "stpes" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "norun"), "--data", str(synth_root), "--out", str(tmp_path / "p")]) == 2
+    assert "norun" in capsys.readouterr().err

@@ -1,0 +1,126 @@
+"""The training loop: determinism, exact resume, validation selection, logs, wall-clock budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ldiffusion.core.errors import CheckpointError
+from ldiffusion.core.io import load_weights
+from ldiffusion.data.dataset import SegmentationDataset
+from ldiffusion.data.transforms import TrainTransform
+from ldiffusion.methods import create_method
+from ldiffusion.train.loop import fit
+
+OVR = ["steps=6", "val_every=3", "ckpt_every=2", "batch_size=2", "base=4"]
+
+
+def _data(root):
+    train = SegmentationDataset(root, "train", transform=TrainTransform(crop_px=32), seed=0)
+    val = SegmentationDataset(root, "val")
+    return train, val
+
+
+def _method(extra=()):
+    return create_method("unet", preset="tiny", num_classes=5, overrides=[*OVR, *extra])
+
+
+def _records(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_gives_identical_weights(synth_root, tmp_path):
+    train, val = _data(synth_root)
+    full = _method()
+    fit(full, train, val, tmp_path / "full", generator_seed=1, progress=False)
+
+    part = _method()
+    r = fit(part, train, val, tmp_path / "part", generator_seed=1, progress=False, max_steps=3)
+    assert not r.finished and r.steps_run == 3
+    resumed = _method()
+    r2 = fit(resumed, train, val, tmp_path / "part", generator_seed=1, progress=False, resume=True)
+    assert r2.finished and r2.steps_run == 3
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    a = load_weights(tmp_path / "full" / "model.safetensors")
+    b = load_weights(tmp_path / "part" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in _records(tmp_path / "full")]
+    strip2 = [{k: v for k, v in r.items() if k != "elapsed_s"} for r in _records(tmp_path / "part")]
+    assert strip == strip2
+
+
+def test_keyboard_interrupt_checkpoints_and_resumes(synth_root, tmp_path):
+    train, val = _data(synth_root)
+    full = _method()
+    fit(full, train, val, tmp_path / "full", generator_seed=0, progress=False)
+
+    def stop_at_4(rec):
+        if rec["type"] == "step" and rec["step"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_method(), train, val, tmp_path / "run", generator_seed=0, progress=False, callback=stop_at_4)
+    with pytest.raises(CheckpointError, match="resume"):
+        fit(_method(), train, val, tmp_path / "run", generator_seed=0, progress=False)
+    resumed = _method()
+    fit(resumed, train, val, tmp_path / "run", generator_seed=0, progress=False, resume=True)
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in full.state_dict().items())
+
+
+def test_same_seed_same_weights_and_different_seed_differs(synth_root, tmp_path):
+    train, val = _data(synth_root)
+    a, b, c = _method(), _method(), _method()
+    for m, d, s in ((a, "a", 0), (b, "b", 0), (c, "c", 5)):
+        fit(m, train, None, tmp_path / d, generator_seed=s, progress=False)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert any(not torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_validation_selection_logs_and_run_folder(synth_root, tmp_path):
+    train, val = _data(synth_root)
+    m = _method()
+    res = fit(m, train, val, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    for f in ("config.json", "model.safetensors", "train_state.pt", "metrics.jsonl", "config.resolved.json"):
+        assert (run / f).is_file(), f
+    recs = _records(run)
+    steps = [r for r in recs if r["type"] == "step"]
+    vals = [r for r in recs if r["type"] == "val"]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    assert all({"stage", "losses", "lr", "elapsed_s"} <= set(r) for r in steps)
+    assert [r["step"] for r in vals] == [3, 6]
+    assert res.best_score == max(r["val_dice"] for r in vals)
+    # the saved weights are the best-on-validation ones: re-scoring them gives the best score
+    from torch.utils.data import DataLoader
+
+    from ldiffusion.methods import load_segmenter
+    from ldiffusion.train.loop import _to_device
+
+    best = load_segmenter(run)
+    score = best.validation_score((_to_device(b, torch.device("cpu")) for b in DataLoader(val, batch_size=1)),
+                                  torch.Generator(), "main")
+    assert score == pytest.approx(res.best_score, abs=1e-9)
+    info = json.loads((run / "config.json").read_text())
+    assert info["method"] == "unet" and info["num_classes"] == 5 and "ldiffusion_version" in info
+    resolved = json.loads((run / "config.resolved.json").read_text())
+    assert resolved["config"]["steps"] == 6 and resolved["seed"] == 0
+
+
+def test_max_minutes_stops_stage_cleanly(synth_root, tmp_path):
+    train, _ = _data(synth_root)
+    m = create_method("unet", preset="tiny", num_classes=5, overrides=[*OVR, "steps=1000"])
+    res = fit(m, train, None, tmp_path / "run", progress=False, max_minutes=1e-6)
+    assert res.finished and res.stopped_by_budget == ["main"] and res.steps_run == 1
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)
+    assert state["stage_index"] == 1
+
+
+def test_unannotated_images_skipped_by_segmenter_stage(synth_root, tmp_path):
+    from ldiffusion.train.loop import _annotated_indices
+
+    ds = SegmentationDataset(synth_root, "train", annotated_ids={SegmentationDataset(synth_root, "train").ids[0]})
+    assert _annotated_indices(ds) == [0]

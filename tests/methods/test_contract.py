@@ -23,7 +23,9 @@ def _batch(root, n=4):
 
 @pytest.mark.parametrize("name", SEGMENTERS)
 def test_fit_two_steps_changes_weights_and_loss_finite(name, synth_root, tmp_path):
-    m = create_method(name, preset="tiny", num_classes=K, overrides=["steps=2", "val_every=0"])
+    cls = METHODS.get(name)
+    m = create_method(name, preset="tiny", num_classes=K,
+                      overrides=[*(f"{k}=2" for k in cls.stage_step_keys), "val_every=0"])
     before = {k: v.clone() for k, v in m.state_dict().items()}
     train = SegmentationDataset(synth_root, "train", transform=TrainTransform(crop_px=64), seed=0)
     fit(m, train, None, tmp_path / "run", progress=False)
@@ -32,7 +34,8 @@ def test_fit_two_steps_changes_weights_and_loss_finite(name, synth_root, tmp_pat
 
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if r["type"] == "step"]
-    assert len(steps) == 2 and all(torch.isfinite(torch.tensor(list(r["losses"].values()))).all() for r in steps)
+    n_stages = len(m.stages())
+    assert len(steps) == 2 * n_stages and all(torch.isfinite(torch.tensor(list(r["losses"].values()))).all() for r in steps)
 
 
 @pytest.mark.parametrize("name", SEGMENTERS)

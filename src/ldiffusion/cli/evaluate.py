@@ -1,9 +1,49 @@
-"""`ldiffusion evaluate` (placeholder until the evaluation module lands)."""
+"""`ldiffusion evaluate`: score a folder of predicted class maps against a prepared data set."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import typer
+
+from ldiffusion.cli._common import PROGRESS
+
+logger = logging.getLogger(__name__)
 
 
 def register(app: typer.Typer) -> None:
     """Add the `evaluate` command to `app`."""
+
+    @app.command("evaluate")
+    def evaluate(
+        pred: Path = typer.Option(..., "--pred",
+                                  help="Folder of <id>.png class maps (optional <id>_inst.png)."),
+        data: Path = typer.Option(..., "--data", help="Prepared data set folder (holding dataset.json)."),
+        out: Path = typer.Option(..., "--out", help="JSON file to write the metrics to."),
+        split: str = typer.Option("test", "--split", help="Split or part to score (test, val, testA, ...)."),
+        foreground_only: bool = typer.Option(False, "--foreground-only",
+                                             help="Score foreground classes only (class 0 excluded)."),
+        instances: bool = typer.Option(False, "--instances", help="Also compute AJI, PQ (and mPQ)."),
+        watershed: bool = typer.Option(False, "--watershed",
+                                       help="Split touching objects (distance-transform watershed) "
+                                            "when extracting instances from class maps."),
+        min_size: int = typer.Option(10, "--min-size",
+                                     help="Drop objects smaller than this (px) when extracting instances "
+                                          "from class maps."),
+        progress: bool = PROGRESS,
+    ) -> None:
+        """Score predictions: Dice, mIoU, MPA, FwIoU (+ AJI/PQ with --instances, GlaS object metrics).
+
+        Writes the metrics as JSON to --out (fractions in [0, 1]) and prints a table. Exits 2 when a
+        prediction is missing or has the wrong size.
+        """
+        from ldiffusion.core.io import write_json
+        from ldiffusion.eval.report import evaluate_folder, format_table
+
+        result = evaluate_folder(pred, data, split=split, foreground_only=foreground_only,
+                                 instances=instances, watershed=watershed, min_size=min_size,
+                                 progress=progress)
+        write_json(out, result)
+        print(format_table(result))
+        print(f"wrote {out}")

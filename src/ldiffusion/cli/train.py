@@ -1,9 +1,19 @@
-"""`ldiffusion train`: train a method on a prepared data set into a run folder."""
+"""`ldiffusion train`: train a method on a prepared data set into a run folder.
+
+Data-parallel training: start it with `torchrun`, e.g.
+`torchrun --standalone --nproc_per_node 2 --no-python ldiffusion train --method unet ...`
+(or `python -m torch.distributed.run ... $(which ldiffusion) train ...`). When `WORLD_SIZE > 1`
+the command creates the process group (gloo on CPU, NCCL on CUDA with one GPU per process,
+`cuda:$LOCAL_RANK`); `train.loop.fit` then splits every batch between the processes and only
+rank 0 writes the run folder. See docs/benchmarks.md.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +78,25 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
                progress=progress, run_info={"data": data_info})
 
 
+def distributed_device(device: str, environ: Mapping[str, str]) -> tuple[str, int, int]:
+    """Return `(device, world_size, local_rank)` from the `torchrun` environment.
+
+    With more than one process, "auto" and "cuda" become `cuda:<LOCAL_RANK>` when CUDA is
+    available ("auto" falls back to CPU); an explicit "cuda:N" or "cpu" is kept.
+    """
+    world_size = int(environ.get("WORLD_SIZE", "1"))
+    local_rank = int(environ.get("LOCAL_RANK", "0"))
+    if world_size > 1:
+        import torch
+
+        name = device.strip().lower()
+        if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+            device = f"cuda:{local_rank}"
+        elif name == "auto":
+            device = "cpu"
+    return device, world_size, local_rank
+
+
 def register(app: typer.Typer) -> None:
     """Add the `train` command to `app`."""
 
@@ -88,11 +117,29 @@ def register(app: typer.Typer) -> None:
         autoencoder: Path = typer.Option(None, "--autoencoder", help="Run folder of a trained autoencoder."),
         no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     ) -> None:
-        """Train METHOD on DATA; the weights chosen on the validation split go to OUT/model.safetensors."""
-        result = run_training(method, data, out, preset=preset, config_file=config, overrides=list(set_ or []),
-                              resume=resume, device=device, seed=seed, max_minutes=max_minutes,
-                              annotated_fraction=annotated_fraction, autoencoder=autoencoder,
-                              progress=not no_progress)
+        """Train METHOD on DATA; the weights chosen on the validation split go to OUT/model.safetensors.
+
+        Under `torchrun` (WORLD_SIZE > 1) the processes train together (data parallel).
+        """
+        device, world_size, local_rank = distributed_device(device, os.environ)
+        is_main = True
+        if world_size > 1:
+            from ldiffusion.core.device import resolve_device
+            from ldiffusion.train.distributed import init_distributed
+
+            is_main = init_distributed(resolve_device(device), local_rank=local_rank).is_main
+        try:
+            result = run_training(method, data, out, preset=preset, config_file=config,
+                                  overrides=list(set_ or []), resume=resume, device=device, seed=seed,
+                                  max_minutes=max_minutes, annotated_fraction=annotated_fraction,
+                                  autoencoder=autoencoder, progress=not no_progress and is_main)
+        finally:
+            if world_size > 1:
+                from ldiffusion.train.distributed import destroy_distributed
+
+                destroy_distributed()
+        if not is_main:
+            return
         score = "n/a" if result.best_score is None else f"{result.best_score:.4f}"
         print(f"trained {method} -> {out} (best validation score {score}; weights {out / 'model.safetensors'}, "
               f"log {out / 'metrics.jsonl'})")

@@ -110,7 +110,9 @@ def _check_sample(root: Path, info: DatasetInfo, case_id: str) -> list[Problem]:
         problems.append(
             Problem(
                 str(root / "instances" / f"{case_id}.png"),
-                f"missing instance map for id {case_id!r} (task is 'instance')",
+                f"no instance map for id {case_id!r} (task is 'instance'); it will be scored and "
+                "trained on its class map only",
+                level="warning",
             )
         )
 

@@ -28,9 +28,12 @@ METHODS: Registry[type[Trainable]] = Registry("method")
 
 def _register_builtin() -> None:
     from ldiffusion.methods.autoencoder import AutoencoderMethod
+    from ldiffusion.methods.cdal import CDALMethod
+    from ldiffusion.methods.ldiffusion import LDiffusionMethod
+    from ldiffusion.methods.ldseg import LDSegSegmenter
     from ldiffusion.methods.unet import UNetMethod
 
-    for cls in (UNetMethod, AutoencoderMethod):
+    for cls in (UNetMethod, AutoencoderMethod, LDiffusionMethod, LDSegSegmenter, CDALMethod):
         METHODS.register(cls.name)(cls)
 
 

@@ -138,6 +138,9 @@ class Trainable(nn.Module, ABC):
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     #: validation score name, written to metrics.jsonl ("higher is better").
     score_name: ClassVar[str] = "score"
+    #: config keys that set the optimiser-step count of each stage (a method whose `steps` means
+    #: something else, such as L-Diffusion's T, lists its per-stage keys here).
+    stage_step_keys: ClassVar[tuple[str, ...]] = ("steps",)
 
     def __init__(self, cfg: MethodConfig, num_classes: int, in_channels: int = 3,
                  class_names: Sequence[str] | None = None) -> None:

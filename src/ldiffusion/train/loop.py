@@ -16,6 +16,13 @@ Validation (every `Stage.val_every` steps and at the end of a stage) scores the 
 with `method.validation_score` on the validation set only; when a stage `selects_on_val`, the best
 weights are written with `method.save(out_dir)` (-> `model.safetensors`) and restored at the end
 of the stage. The test split never reaches this module.
+
+Data-parallel runs (`torchrun`, see `train.distributed`): when a process group is initialised,
+each global batch is split between the ranks, gradients are averaged before every optimiser step
+(all ranks end each step with identical parameters), and only rank 0 validates and writes the run
+folder, checkpoints and logs. `batch_size` stays the global batch, so a run's optimisation does
+not depend on the number of processes except through per-rank noise seeds
+(`derive_seed(seed, stage, "step", k, "rank", r)` when more than one process trains).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from ldiffusion.core.device import autocast
 from ldiffusion.core.errors import CheckpointError, ConfigError
 from ldiffusion.core.io import load_weights, read_json, write_json
 from ldiffusion.core.rng import derive_seed, make_generator, rng_state, set_rng_state, worker_init_fn
+from ldiffusion.train import distributed as ddp
 from ldiffusion.train.state import STATE_FILE, TrainState, counters, load_state, save_state
 
 logger = logging.getLogger(__name__)
@@ -55,12 +63,13 @@ class FitResult:
     stopped_by_budget: list[str]
 
 
-class _StopFit(Exception):
+class _StopFitError(Exception):
     """Internal: `max_steps` reached."""
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in batch.items()}
 
 
 def _annotated_indices(ds: Dataset) -> list[int]:
@@ -136,16 +145,18 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
         run_info: extra entries for `config.resolved.json` (data set, annotated fraction, ...).
 
     Returns:
-        A `FitResult`.
+        A `FitResult` (under torch.distributed: the same on every rank; only rank 0 writes files).
 
     Raises:
         CheckpointError: `out_dir` holds a training state and `resume` is False, or the stored state
             does not match the method/seed.
+        ConfigError: a stage's batch is smaller than the number of processes.
     """
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     device = torch.device(device)
+    w = ddp.world()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / STATE_FILE
@@ -159,9 +170,12 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                 "n_train": len(train_ds), "n_val": len(val_ds) if val_ds is not None else 0,  # type: ignore[arg-type]
                 "stages": [{"name": s.name, "steps": s.steps, "epochs": s.epochs, "batch_size": s.batch_size,
                             "selects_on_val": s.selects_on_val, "uses_unannotated": s.uses_unannotated,
-                            "optimizers": {k: {"lr": o.lr, "betas": list(o.betas)} for k, o in s.optimizers.items()}}
+                            "optimizers": {k: {"lr": o.lr, "betas": list(o.betas)}
+                                           for k, o in s.optimizers.items()}}
                            for s in method.stages()],
                 **(run_info or {})}
+    if w.distributed:
+        resolved["world_size"] = w.size
     log = _MetricsLog(out / METRICS_FILE)
     st = TrainState()
     saved: dict[str, Any] | None = None
@@ -179,11 +193,14 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
         method.load_state_dict(saved["model"])
         st = counters(saved)
         set_rng_state(saved["rng"])
-        log.truncate_after(st.stage_index, st.step)
+        if w.is_main:
+            log.truncate_after(st.stage_index, st.step)
         logger.info("resuming %s at stage %d (%s), step %d", out, st.stage_index, st.stage_name, st.step)
-    else:
+    elif w.is_main:
         log.reset()
-    write_json(out / RESOLVED_FILE, resolved)
+    if w.is_main:
+        write_json(out / RESOLVED_FILE, resolved)
+    ddp.broadcast_module(method)  # identical start on every rank (also a barrier after the checks above)
 
     stages = method.stages()
     steps_run = 0
@@ -201,10 +218,15 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                 raise ConfigError(f"stage {stage.name!r} needs annotated training images, but none of the "
                                   f"{len(train_ds)} are annotated")  # type: ignore[arg-type]
             bs = stage.batch_size
+            if bs < w.size:
+                raise ConfigError(f"stage {stage.name!r}: batch size {bs} is smaller than the {w.size} "
+                                  "processes; each process needs at least one sample per step: raise the "
+                                  "batch size (--set) or start fewer processes")
             per_epoch = len(indices) // bs if len(indices) > bs else 1
             total = stage.epochs * per_epoch if stage.epochs is not None else stage.steps
             specs = stage.optimizers
-            opts = {name: torch.optim.Adam(list(s.params), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+            opts = {name: torch.optim.Adam(list(s.params), lr=s.lr, betas=s.betas,
+                                           weight_decay=s.weight_decay)
                     for name, s in specs.items()}
             if saved is not None and saved["stage_index"] == si and saved["optimizers"]:
                 for name, o in opts.items():
@@ -212,13 +234,17 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
             saved = None
             gen_state = make_generator(derive_seed(generator_seed, stage.name, "loop")).get_state()
 
-            def checkpoint(st: TrainState = st, opts: dict[str, Any] = opts, gen_state: Any = gen_state) -> None:
-                save_state(state_path, method_name=method.name, model=method.state_dict(),
-                           optimizers={k: o.state_dict() for k, o in opts.items()}, state=st,
-                           seed=generator_seed, generator=gen_state, rng=rng_state())
+            def checkpoint(st: TrainState = st, opts: dict[str, Any] = opts, gen_state: Any = gen_state,
+                           sync: bool = True) -> None:
+                if w.is_main:
+                    save_state(state_path, method_name=method.name, model=method.state_dict(),
+                               optimizers={k: o.state_dict() for k, o in opts.items()}, state=st,
+                               seed=generator_seed, generator=gen_state, rng=rng_state())
+                if sync:
+                    ddp.barrier()
 
             def validate(st: TrainState = st, stage: Any = stage) -> None:
-                if val_ds is None or len(val_ds) == 0:  # type: ignore[arg-type]
+                if val_ds is None or len(val_ds) == 0 or not w.is_main:  # type: ignore[arg-type]
                     return
                 method.eval()
                 loader = DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=0)
@@ -240,7 +266,7 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
             method.train()
             t_stage = time.monotonic() - st.elapsed_s
             bar = tqdm(total=total, initial=st.step, desc=f"{method.name}:{stage.name}", file=sys.stderr,
-                       disable=not progress, leave=False, dynamic_ncols=True)
+                       disable=not progress or not w.is_main, leave=False, dynamic_ncols=True)
             validated_at = -1
             in_update = False
             try:
@@ -251,33 +277,43 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                         train_ds.set_epoch(st.epoch)
                     g_epoch = make_generator(derive_seed(generator_seed, stage.name, "epoch", st.epoch))
                     batches = [[indices[j] for j in b] for b in _epoch_batches(len(indices), bs, g_epoch)]
-                    loader = DataLoader(train_ds, batch_sampler=batches[within:per_epoch],
+                    batches = batches[within:per_epoch]
+                    shares = [len(ddp.shard(b, w)) / len(b) for b in batches]
+                    loader = DataLoader(train_ds, batch_sampler=[ddp.shard(b, w) for b in batches],
                                         num_workers=cfg.num_workers, worker_init_fn=worker_init_fn,
                                         generator=g_epoch, pin_memory=device.type == "cuda")
-                    for batch in loader:
-                        g_step = make_generator(derive_seed(generator_seed, stage.name, "step", st.step), device)
+                    for share, batch in zip(shares, loader, strict=True):
+                        step_key: tuple[Any, ...] = (stage.name, "step", st.step)
+                        if w.distributed:
+                            step_key += ("rank", w.rank)
+                        g_step = make_generator(derive_seed(generator_seed, *step_key), device)
                         batch = _to_device(batch, device)
                         in_update = True
                         with autocast(device, cfg.precision):
                             losses = method.training_step(batch, g_step, stage.name)
-                        _apply(losses, specs, opts, cfg.grad_clip, stage.name, st.step)
+                        apply_losses(losses, specs, opts, cfg.grad_clip, stage.name, st.step, share=share)
+                        ddp.broadcast_norm_buffers(method)
                         st.step += 1
                         in_update = False
                         steps_run += 1
                         st.elapsed_s = time.monotonic() - t_stage
                         rec = {"type": "step", "stage": stage.name, "stage_index": si, "step": st.step,
                                "epoch": st.epoch,
-                               "losses": {k: float(losses[k].detach()) for k in specs},
-                               "log": {k[4:]: float(v.detach()) for k, v in losses.items() if k.startswith("log/")},
+                               "losses": ddp.all_reduce_mean({k: float(losses[k].detach()) for k in specs},
+                                                             share, device),
+                               "log": ddp.all_reduce_mean({k[4:]: float(v.detach()) for k, v in losses.items()
+                                                           if k.startswith("log/")}, share, device),
                                "lr": {k: o.param_groups[0]["lr"] for k, o in opts.items()},
                                "elapsed_s": round(st.elapsed_s, 3)}
-                        log.write(rec)
+                        if w.is_main:
+                            log.write(rec)
                         bar.update(1)
                         bar.set_postfix({k: f"{v:.4f}" for k, v in rec["losses"].items()}, refresh=False)
                         if stage.val_every and st.step % stage.val_every == 0 and st.step < total:
                             validate()
                             validated_at = st.step
                         over_budget = budget_min is not None and st.elapsed_s > budget_min * 60
+                        over_budget = ddp.any_rank(over_budget, device) if budget_min is not None else False
                         if st.step % cfg.ckpt_every == 0 or over_budget:
                             checkpoint()
                         if callback is not None:
@@ -289,10 +325,10 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                             total = st.step
                             break
                         if max_steps is not None and steps_run >= max_steps:
-                            raise _StopFit
+                            raise _StopFitError
                         if st.step >= total:
                             break
-            except _StopFit:
+            except _StopFitError:
                 bar.close()
                 checkpoint()
                 return FitResult(out, st.best_score, steps_run, False, budget_stops)
@@ -301,38 +337,56 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                 if in_update:
                     logger.warning("interrupted inside step %d; keeping the previous checkpoint", st.step + 1)
                 else:
-                    checkpoint()
+                    checkpoint(sync=False)
                     logger.warning("interrupted; state of step %d saved to %s", st.step, state_path)
                 raise
             bar.close()
             # end of stage: final validation, restore the best weights, hook, save
             if validated_at != st.step:
                 validate()
-            if stage.selects_on_val and st.best_score is not None and (out / "model.safetensors").is_file():
+            if (w.is_main and stage.selects_on_val and st.best_score is not None
+                    and (out / "model.safetensors").is_file()):
                 method.load_inference_state_dict(load_weights(out / "model.safetensors", device=str(device)))
+            ddp.broadcast_module(method)  # rank 0 selected (and restored) the weights
+            st.best_score, st.best_step = ddp.broadcast_object((st.best_score, st.best_step))
             method.eval()
-            hook_loader = DataLoader(train_ds, batch_sampler=[indices[i:i + bs] for i in range(0, len(indices), bs)],
-                                     num_workers=0)
+            hook_loader = DataLoader(train_ds, num_workers=0,
+                                     batch_sampler=[indices[i:i + bs] for i in range(0, len(indices), bs)])
             method.on_stage_end(stage.name, (_to_device(b, device) for b in hook_loader))
+            ddp.broadcast_module(method)
             method.train()
-            method.save(out)
+            if w.is_main:
+                method.save(out)
             best = st.best_score
             st = TrainState(stage_index=si + 1, stage_name=stage.name, best_score=best, step=0)
             opts = {}
             checkpoint(st=st, opts=opts)
-            log.write({"type": "stage_end", "stage": stage.name, "stage_index": si, "step": total,
-                       "best_score": best, "elapsed_s": round(time.monotonic() - t_call, 3)})
+            if w.is_main:
+                log.write({"type": "stage_end", "stage": stage.name, "stage_index": si, "step": total,
+                           "best_score": best, "elapsed_s": round(time.monotonic() - t_call, 3)})
     method.eval()
     return FitResult(out, st.best_score, steps_run, True, budget_stops)
 
 
-def _apply(losses: dict[str, torch.Tensor], specs: dict[str, Any], opts: dict[str, torch.optim.Optimizer],
-           grad_clip: float | None, stage: str, step: int) -> None:
+def apply_losses(losses: dict[str, torch.Tensor], specs: dict[str, Any],
+                 opts: dict[str, torch.optim.Optimizer], grad_clip: float | None, stage: str, step: int, *,
+                 share: float = 1.0) -> None:
     """Back-propagate each optimiser's loss into its own parameters only, clip, and step.
 
     All losses of a step are computed from the same (pre-update) weights; each optimiser gets the
     gradient of its own loss w.r.t. its own parameters (`torch.autograd.grad`), so a generator loss
-    never leaks gradients into the discriminator and vice versa.
+    never leaks gradients into the discriminator and vice versa. Under torch.distributed the
+    gradients are averaged over ranks (this rank weighted by `share`, its fraction of the global
+    batch) before clipping and the step.
+
+    Args:
+        losses: `training_step` output; one scalar per optimiser name of `specs`.
+        specs: the stage's `OptimizerSpec`s by name.
+        opts: the optimisers by the same names.
+        grad_clip: max gradient norm per optimiser (None = off).
+        stage: stage name (error messages).
+        step: steps done before this one (error messages).
+        share: this rank's share of the global batch (1.0 in a single process).
     """
     missing = [k for k in specs if k not in losses]
     if missing:
@@ -345,7 +399,8 @@ def _apply(losses: dict[str, torch.Tensor], specs: dict[str, Any], opts: dict[st
             raise FloatingPointError(f"stage {stage!r} step {step + 1}: loss {name!r} is {float(loss)}")
         params = [p for p in specs[name].params if p.requires_grad]
         grads = torch.autograd.grad(loss.float(), params, retain_graph=i < len(names) - 1, allow_unused=True)
-        for p, g in zip(params, grads):
+        grads = ddp.all_reduce_grads(params, grads, share)
+        for p, g in zip(params, grads, strict=True):
             p.grad = g
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
@@ -359,4 +414,4 @@ def iterate_batches(ds: Dataset, batch_size: int) -> Iterator[dict[str, Any]]:
     yield from DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
 
 
-__all__ = ["FitResult", "fit", "iterate_batches"]
+__all__ = ["FitResult", "apply_losses", "fit", "iterate_batches"]

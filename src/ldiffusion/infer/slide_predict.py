@@ -1,0 +1,600 @@
+"""Whole-slide prediction: tissue tiles -> any segmenter -> blended label pyramid + GeoJSON + stats.
+
+`predict_slide` streams one slide through a `TileSegmenter` (anything with `num_classes` and
+`predict_proba(images (B, 3, H, W) float32 in [0, 1], *, generator=None) -> (B, K, H, W)`), so every
+method works through the same interface and tests use trivial fake models. Memory does not grow
+with the slide size (see `ldiffusion.infer.merge`); an interrupted run resumes from its finished
+batches and produces byte-identical outputs; finished slides are skipped.
+
+Outputs, in `out_dir/<slide id>/`:
+
+- `labels.ome.tif`: uint8 class map, tiled (256), zlib, pyramidal (SubIFDs mirroring the slide's
+  levels), OME PhysicalSizeX/Y = working mpp;
+- `annotations.geojson`: QuPath FeatureCollection, one polygon per object, level-0 coordinates
+  (minus the slide bounds offset with `coords="qupath"`), classification name + colour;
+- `stats.json`: per-class pixel counts and areas (mm^2 when the mpp is known);
+- `overlay.png`: low-resolution overlay for a quick look;
+- `done.json`: written last; its presence marks the slide as finished.
+
+Scale out with `run_manifest(..., shard=(i, n))` (job arrays) or `predict_slides_dask` (a Dask
+cluster; the model is loaded once per worker).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from ldiffusion.core.errors import InputError, LDiffusionError
+from ldiffusion.core.io import read_json, write_json
+from ldiffusion.core.registry import suggest
+from ldiffusion.core.rng import derive_seed, make_generator
+from ldiffusion.infer.merge import TileMerger, build_pyramid, pyramid_ratios
+from ldiffusion.infer.slide import SlideReader, open_slide
+from ldiffusion.infer.tiling import tile_grid
+from ldiffusion.infer.tissue import detect_tissue, select_tiles
+from ldiffusion.infer.writers import (
+    area_stats,
+    class_counts,
+    default_palette,
+    nearest_resize,
+    ome_uuid,
+    pick_level,
+    write_geojson,
+    write_ome_tiff,
+    write_overlay_png,
+    write_stats,
+)
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("ome-tiff", "geojson", "png")
+OUTPUT_NAMES = {"ome-tiff": "labels.ome.tif", "geojson": "annotations.geojson", "png": "overlay.png"}
+DONE_NAME = "done.json"
+STATS_NAME = "stats.json"
+
+
+@runtime_checkable
+class TileSegmenter(Protocol):
+    """What slide prediction needs from a model: `num_classes` and batched class probabilities."""
+
+    num_classes: int
+
+    def predict_proba(
+        self, images: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Return (B, K, H, W) probabilities for images (B, 3, H, W) float32 in [0, 1]."""
+        ...
+
+
+def parse_formats(formats: str | Sequence[str]) -> tuple[str, ...]:
+    """Parse "ome-tiff,geojson,png" (or a sequence) into a validated tuple in canonical order."""
+    items = [f.strip().lower() for f in (formats.split(",") if isinstance(formats, str) else formats)]
+    items = [f for f in items if f]
+    aliases = {
+        "ome": "ome-tiff",
+        "ometiff": "ome-tiff",
+        "tiff": "ome-tiff",
+        "tif": "ome-tiff",
+        "json": "geojson",
+    }
+    out = []
+    for f in items:
+        f = aliases.get(f, f)
+        if f not in FORMATS:
+            raise InputError(
+                f"format {f!r} is not valid; choose from {list(FORMATS)}{suggest(f, list(FORMATS))}"
+            )
+        out.append(f)
+    return tuple(f for f in FORMATS if f in out)
+
+
+def slide_id(path: str | Path) -> str:
+    """Return the output name of a slide: its file name without the (double) suffix."""
+    name = Path(path).name
+    for suf in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return Path(name).stem
+
+
+def _segmenter_info(segmenter: TileSegmenter) -> tuple[list[str], np.ndarray, str]:
+    k = int(segmenter.num_classes)
+    names = list(getattr(segmenter, "class_names", None) or [f"class{i}" for i in range(k)])
+    extra = getattr(segmenter, "extra_info", None) or {}
+    pal = getattr(segmenter, "palette", None)
+    if pal is None:
+        pal = extra.get("palette")
+    palette = np.asarray(pal, dtype=np.uint8) if pal is not None else default_palette(k)
+    if palette.shape != (k, 3):
+        palette = default_palette(k)
+    if len(names) != k:
+        names = [f"class{i}" for i in range(k)]
+    ident = str(getattr(segmenter, "name", "") or type(segmenter).__name__)
+    return names, palette, ident
+
+
+def _device(segmenter: TileSegmenter) -> torch.device:
+    dev = getattr(segmenter, "device", None)
+    return dev if isinstance(dev, torch.device) else torch.device("cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideResult:
+    """What `predict_slide` produced for one slide."""
+
+    slide: str
+    id: str
+    out_dir: str
+    outputs: dict[str, str]
+    skipped: bool
+    n_tiles: int
+    stats: dict[str, Any]
+
+
+def predict_slide(
+    segmenter: TileSegmenter,
+    slide: str | Path | SlideReader,
+    out_dir: str | Path,
+    *,
+    mpp: float | None = None,
+    tile_px: int = 512,
+    overlap_px: int = 64,
+    batch_size: int = 8,
+    formats: str | Sequence[str] = FORMATS,
+    resume: bool = False,
+    progress: bool = True,
+    target_mpp: float | None = None,
+    tissue: bool = True,
+    seed: int = 0,
+    overwrite: bool = False,
+    coords: str = "qupath",
+    chunk_px: int = 512,
+    overlay_px: int = 2048,
+    name: str | None = None,
+) -> SlideResult:
+    """Predict one slide into `out_dir/<slide id>/`.
+
+    Args:
+        segmenter: any `TileSegmenter` (e.g. `ldiffusion.methods.load_segmenter(run)`).
+        slide: slide file, or an open `SlideReader` (e.g. `ArraySlide`).
+        out_dir: output root; the slide's files go to `out_dir/<id>/`.
+        mpp: microns per level-0 pixel, overriding the slide metadata.
+        tile_px: tile side in working pixels (rounded up to the segmenter's `size_divisor`).
+        overlap_px: overlap between neighbouring tiles, in [0, tile_px).
+        batch_size: tiles per forward pass (fixed batches make resumed runs identical).
+        formats: any of "ome-tiff", "geojson", "png" (stats.json is always written).
+        resume: continue an interrupted run from its finished batches (else start again).
+        progress: show a tqdm bar on stderr.
+        target_mpp: predict at this resolution (needs the mpp); None = level 0.
+        tissue: skip tiles without tissue (Otsu on saturation of a thumbnail); False = predict all.
+        seed: seed of stochastic methods (each batch gets `derive_seed(seed, id, batch)`).
+        overwrite: redo a slide whose `done.json` exists.
+        coords: GeoJSON frame: "qupath" (level 0 minus the slide bounds offset) or "level0".
+        chunk_px: label-map chunk (finalisation block) side.
+        overlay_px: longer side of the PNG overlay.
+        name: slide id (default: from the file name).
+
+    Returns:
+        A `SlideResult`; `skipped=True` when the slide was already finished.
+
+    Raises:
+        InputError: bad arguments, unreadable slide, or a model returning the wrong shape.
+        CheckpointError: `resume` with parameters that differ from the interrupted run.
+    """
+    fmts = parse_formats(formats)
+    if batch_size < 1:
+        raise InputError(f"batch_size={batch_size} should be >= 1")
+    if coords not in ("qupath", "level0"):
+        raise InputError(f"coords={coords!r} is not valid; choose 'qupath' or 'level0'")
+    own_reader = not isinstance(slide, SlideReader)
+    reader = open_slide(slide, mpp=mpp) if own_reader else slide  # type: ignore[arg-type]
+    try:
+        if not own_reader and mpp is not None:
+            reader.mpp = mpp
+        return _predict_slide(
+            segmenter,
+            reader,
+            Path(out_dir),
+            fmts=fmts,
+            tile_px=tile_px,
+            overlap_px=overlap_px,
+            batch_size=batch_size,
+            resume=resume,
+            progress=progress,
+            target_mpp=target_mpp,
+            tissue=tissue,
+            seed=seed,
+            overwrite=overwrite,
+            coords=coords,
+            chunk_px=chunk_px,
+            overlay_px=overlay_px,
+            name=name or slide_id(reader.path),
+        )
+    finally:
+        if own_reader:
+            reader.close()
+
+
+def _predict_slide(
+    segmenter: TileSegmenter,
+    reader: SlideReader,
+    out_root: Path,
+    *,
+    fmts: tuple[str, ...],
+    tile_px: int,
+    overlap_px: int,
+    batch_size: int,
+    resume: bool,
+    progress: bool,
+    target_mpp: float | None,
+    tissue: bool,
+    seed: int,
+    overwrite: bool,
+    coords: str,
+    chunk_px: int,
+    overlay_px: int,
+    name: str,
+) -> SlideResult:
+    k = int(segmenter.num_classes)
+    names, palette, ident = _segmenter_info(segmenter)
+    div = max(int(getattr(segmenter, "size_divisor", 1) or 1), 1)
+    tile = -(-int(tile_px) // div) * div
+    if not 0 <= overlap_px < tile:
+        raise InputError(f"overlap_px={overlap_px} is out of range; expected [0, tile_px={tile})")
+    if reader.mpp is None and target_mpp is not None:
+        raise InputError(
+            f"{reader.path}: target_mpp={target_mpp} needs the slide's mpp, which its metadata "
+            "lacks; pass --mpp"
+        )
+    scale = float(target_mpp / reader.mpp) if (target_mpp is not None and reader.mpp) else 1.0
+    if abs(scale - 1.0) < 1e-3:
+        scale = 1.0
+    if scale < 1.0:
+        raise InputError(
+            f"target_mpp={target_mpp} is finer than the slide's level 0 ({reader.mpp} µm/px); "
+            "upsampling is not supported"
+        )
+    W0, H0 = reader.dimensions
+    if reader.bounds_size is not None:
+        (ox, oy), (bw, bh) = reader.bounds_offset, reader.bounds_size
+    else:
+        ox, oy, bw, bh = 0, 0, W0, H0
+    width, height = max(1, math.ceil(bw / scale)), max(1, math.ceil(bh / scale))
+    label_mpp = reader.mpp * scale if reader.mpp else None
+    params = {
+        "slide": name,
+        "model": ident,
+        "tile_px": tile,
+        "overlap_px": int(overlap_px),
+        "scale": scale,
+        "batch_size": int(batch_size),
+        "chunk_px": int(chunk_px),
+        "origin": [int(ox), int(oy)],
+        "mpp": reader.mpp,
+        "tissue": bool(tissue),
+        "seed": int(seed),
+        "formats": list(fmts),
+        "coords": coords,
+    }
+    out = out_root / name
+    done_path = out / DONE_NAME
+    if done_path.is_file() and not overwrite:
+        done = read_json(done_path)
+        if done.get("params") == params:
+            logger.info("%s: already finished (%s), skipping", name, done_path)
+            return SlideResult(
+                str(reader.path),
+                name,
+                str(out),
+                done.get("outputs", {}),
+                True,
+                int(done.get("n_tiles", 0)),
+                done.get("stats", {}),
+            )
+        raise InputError(
+            f"{done_path}: slide {name!r} was finished with other parameters; pass --overwrite "
+            "to predict it again"
+        )
+    if done_path.exists():
+        done_path.unlink()
+
+    all_tiles = tile_grid(width, height, tile, overlap_px)
+    mask = detect_tissue(reader) if tissue else None
+    tiles = select_tiles(all_tiles, mask, scale=scale, origin=(ox, oy))
+    logger.info(
+        "%s: %d x %d px at %.3g level-0 px/px, %d of %d tiles with tissue",
+        name,
+        width,
+        height,
+        scale,
+        len(tiles),
+        len(all_tiles),
+    )
+    work = out / ".work"
+    merger = TileMerger(
+        work, width, height, k, tiles, batch_size, params=params, resume=resume, chunk_px=chunk_px
+    )
+    device = _device(segmenter)
+    pending = merger.pending_batches()
+    bar = _progress(len(merger.batches), merger.batches_done, name, progress)
+    try:
+        for b in pending:
+            batch = merger.batch_tiles(b)
+            imgs = np.stack(
+                [
+                    reader.read_scaled(round(ox + t.x * scale), round(oy + t.y * scale), t.w, t.h, scale)
+                    for t in batch
+                ]
+            )
+            x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255.0).to(device)
+            gen = make_generator(derive_seed(seed, name, b), device)
+            with torch.no_grad():
+                probs = segmenter.predict_proba(x, generator=gen)
+            if tuple(probs.shape) != (len(batch), k, tile, tile):
+                raise InputError(
+                    f"model returned probabilities of shape {tuple(probs.shape)}; expected "
+                    f"{(len(batch), k, tile, tile)} (B, K, H, W)"
+                )
+            merger.add_batch(b, probs.detach().float().cpu().numpy())
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not merger.done:  # no tile at all (no tissue): finalise the empty map
+        merger.finish()
+
+    ratios = pyramid_ratios(reader.level_downsamples if scale == 1.0 else (1.0,), width, height)
+    levels = build_pyramid(merger.labels, work, ratios, chunk_px=chunk_px)
+    outputs: dict[str, str] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+    if "ome-tiff" in fmts:
+        p = out / OUTPUT_NAMES["ome-tiff"]
+        write_ome_tiff(p, levels, mpp=label_mpp, uuid=ome_uuid(name, digest), name=name)
+        outputs["ome-tiff"] = p.name
+    if "geojson" in fmts:
+        p = out / OUTPUT_NAMES["geojson"]
+        bx, by = reader.bounds_offset
+        offset = (float(ox - bx), float(oy - by)) if coords == "qupath" else (float(ox), float(oy))
+        write_geojson(p, levels[0], names, palette, scale=scale, offset=offset)
+        outputs["geojson"] = p.name
+    if "png" in fmts:
+        p = out / OUTPUT_NAMES["png"]
+        s = max(width / overlay_px, height / overlay_px, 1.0)
+        tw, th = max(1, round(width / s)), max(1, round(height / s))
+        image = reader.read_scaled_strips(int(ox), int(oy), tw, th, s * scale)
+        small = nearest_resize(np.asarray(pick_level(levels, overlay_px)[:, :]), tw, th)
+        write_overlay_png(p, image, small, palette)
+        outputs["png"] = p.name
+    stats = area_stats(class_counts(levels[0], k), names, label_mpp=label_mpp, level0_px_per_label_px=scale)
+    stats.update({"slide": name, "tiles_predicted": len(tiles), "tiles_total": len(all_tiles)})
+    write_stats(out / STATS_NAME, stats)
+    outputs["stats"] = STATS_NAME
+    write_json(
+        done_path,
+        {
+            "slide": str(reader.path),
+            "id": name,
+            "params": params,
+            "outputs": outputs,
+            "n_tiles": len(tiles),
+            "stats": STATS_NAME,
+        },
+    )
+    shutil.rmtree(work, ignore_errors=True)
+    logger.info("%s: wrote %s", name, ", ".join(sorted(outputs.values())))
+    return SlideResult(str(reader.path), name, str(out), outputs, False, len(tiles), stats)
+
+
+def _progress(total: int, initial: int, name: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=name, unit="batch", dynamic_ncols=True, leave=True)
+
+
+# ---------------------------------------------------------------------- many slides
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideJob:
+    """One slide to predict: its path and optional mpp override."""
+
+    path: str
+    mpp: float | None = None
+
+
+def read_manifest(path: str | Path) -> list[SlideJob]:
+    """Read a CSV manifest with a `path` column (relative to the CSV's folder) and optional `mpp`.
+
+    Raises:
+        InputError: missing file or `path` column, or an invalid mpp value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: manifest not found")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise InputError(
+                f"{path}: manifest needs a 'path' column (optional: 'mpp'), got {reader.fieldnames}"
+            )
+        jobs = []
+        for i, row in enumerate(reader, start=2):
+            p = Path(row["path"].strip())
+            if not p.is_absolute():
+                p = path.parent / p
+            raw = (row.get("mpp") or "").strip()
+            try:
+                m = float(raw) if raw else None
+            except ValueError as e:
+                raise InputError(f"{path}:{i}: mpp={raw!r} is not a number") from e
+            jobs.append(SlideJob(str(p), m))
+    return jobs
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """Parse "i/N" (0 <= i < N) into `(i, N)`; None means "0/1"."""
+    if not text:
+        return 0, 1
+    try:
+        i_s, n_s = text.split("/")
+        i, n = int(i_s), int(n_s)
+    except ValueError as e:
+        raise InputError(f"--shard {text!r} should look like i/N, e.g. 0/4") from e
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"--shard {text!r}: expected 0 <= i < N")
+    return i, n
+
+
+def shard_jobs(jobs: Sequence[SlideJob], shard: tuple[int, int]) -> list[SlideJob]:
+    """Return the jobs of shard `(i, n)`: every n-th job starting at i."""
+    i, n = shard
+    return list(jobs[i::n])
+
+
+def run_slides(
+    segmenter: TileSegmenter,
+    jobs: Sequence[SlideJob],
+    out_dir: str | Path,
+    *,
+    mpp: float | None = None,
+    **kwargs: Any,
+) -> list[SlideResult]:
+    """Predict several slides in turn; a bad slide is logged and the others still run.
+
+    Raises:
+        LDiffusionError: after all slides ran, when any of them failed (naming them).
+    """
+    results, failed = [], []
+    for job in jobs:
+        try:
+            results.append(
+                predict_slide(segmenter, job.path, out_dir, mpp=job.mpp if job.mpp else mpp, **kwargs)
+            )
+        except LDiffusionError as e:
+            logger.error("%s: %s", job.path, e)
+            failed.append(f"{job.path} ({e})")
+    if failed:
+        raise LDiffusionError(f"{len(failed)} of {len(jobs)} slides failed: " + "; ".join(failed))
+    return results
+
+
+def run_manifest(
+    segmenter: TileSegmenter,
+    manifest: str | Path,
+    out_dir: str | Path,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    **kwargs: Any,
+) -> list[SlideResult]:
+    """Predict the slides of shard `shard` of a CSV manifest (see `read_manifest`)."""
+    return run_slides(segmenter, shard_jobs(read_manifest(manifest), shard), out_dir, **kwargs)
+
+
+# ---------------------------------------------------------------------- Dask
+
+
+@dataclasses.dataclass(frozen=True)
+class RunLoader:
+    """A picklable "load the segmenter of run folder `run` on `device`" callable (for Dask workers)."""
+
+    run: str
+    device: str = "auto"
+
+    def __call__(self) -> TileSegmenter:
+        from ldiffusion.core.device import resolve_device
+        from ldiffusion.methods import load_segmenter
+
+        return load_segmenter(self.run, resolve_device(self.device))  # type: ignore[return-value]
+
+
+def _worker_segmenter(loader: Callable[[], TileSegmenter]) -> TileSegmenter:
+    """Return the worker's cached segmenter for `loader` (loaded once per worker)."""
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:  # not on a worker (e.g. a synchronous scheduler)
+        return loader()
+    cache = worker.__dict__.setdefault("_ldiffusion_segmenters", {})
+    key = repr(loader)
+    if key not in cache:
+        logger.info("worker %s: loading segmenter %s", worker.address, key)
+        cache[key] = loader()
+    return cache[key]
+
+
+def _dask_task(
+    job: SlideJob, loader: Callable[[], TileSegmenter], out_dir: str, kwargs: dict[str, Any]
+) -> SlideResult:
+    seg = _worker_segmenter(loader)
+    return predict_slide(seg, job.path, out_dir, mpp=job.mpp, progress=False, **kwargs)
+
+
+def predict_slides_dask(
+    scheduler: str | Any,
+    loader: Callable[[], TileSegmenter],
+    jobs: Sequence[SlideJob],
+    out_dir: str | Path,
+    **kwargs: Any,
+) -> list[SlideResult]:
+    """Predict slides on a Dask cluster: one task per slide, the model loaded once per worker.
+
+    Args:
+        scheduler: scheduler address ("tcp://host:port") or a `distributed.Client`.
+        loader: picklable callable returning the segmenter (e.g. `RunLoader(run_dir, "cuda")`);
+            its `repr` keys the per-worker cache.
+        jobs: slides to predict.
+        out_dir: output root (shared file system).
+        kwargs: `predict_slide` options (tile_px, overlap_px, batch_size, formats, resume, ...).
+
+    Raises:
+        InputError: the `dask` extra is missing.
+        LDiffusionError: any slide failed (after all ran).
+    """
+    try:
+        from distributed import Client
+    except ImportError as e:
+        raise InputError("--scheduler needs the 'dask' extra: pip install \"ldiffusion[dask]\"") from e
+    own = not isinstance(scheduler, Client)
+    client = Client(scheduler) if own else scheduler
+    try:
+        futures = [
+            client.submit(
+                _dask_task,
+                job,
+                loader,
+                str(out_dir),
+                dict(kwargs),
+                pure=False,
+                key=f"ldiffusion-slide-{i}-{slide_id(job.path)}",
+            )
+            for i, job in enumerate(jobs)
+        ]
+        results, failed = [], []
+        for job, fut in zip(jobs, futures, strict=True):
+            try:
+                results.append(fut.result())
+            except LDiffusionError as e:
+                failed.append(f"{job.path} ({e})")
+        if failed:
+            raise LDiffusionError(f"{len(failed)} of {len(jobs)} slides failed: " + "; ".join(failed))
+        return results
+    finally:
+        if own:
+            client.close()

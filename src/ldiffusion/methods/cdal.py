@@ -1,0 +1,562 @@
+"""cDAL (`"cdal"`): conditional diffusion with discriminator spatial attention and a latent (MICCAI 2024).
+
+METHODS.md Part 3. The label itself is diffused (one-hot in [-1, 1]; a binary task uses one channel
+2m - 1) with cDAL's few-step VP schedule (β_min 0.1, β_max 20, T = 2..4). A generator
+x_θ(x_t, t, z, I) predicts x̂0 (tanh) from the noisy label, the image and a random latent z; a
+time-conditioned discriminator D(x_{t-1}, x_t, t) tells real Markov pairs from posterior samples
+built from x̂0.
+
+Training (one step = one D update and one G update, Algorithm 1 of the paper / the authors' code):
+
+* D loss: softplus(-D(x_{k-1}, x_k)) + softplus(D(x̂_{k-1}, x_k)) (non-saturating logistic), plus
+  R1 = γ/2 · E‖∇_{x_{k-1}} D‖² on real pairs every ``lazy_r1`` steps (not rescaled; code-only).
+  The fake x̂_{k-1} is a posterior sample from G's x̂0, computed under no_grad.
+* G loss (paper eq. 4): mean((x0 - x_θ(x_k^att, k-1, z, I))²) over annotated pixels, where
+  x_k^att is a fresh forward sample of A ⊙ x0 and A is the spatial attention map (below). The
+  target is the *un-attended* x0. Optional adversarial term ``lambda_adv`` · softplus(-D(x̂_{k-1},
+  x_k^att)) (off by default, as in the paper: D shapes G only through A).
+
+Attention map A (METHODS Part 3 §2 / §8.2): channel statistic of D's feature map at the resolution
+``attn_scale`` (px at ``crop_px``; or ``attn_index`` into `CDALDiscriminator.get_features`),
+computed under no_grad on a fresh *real* pair, upsampled bilinearly to the label size and broadcast
+over label channels. The authors' code uses the raw channel mean, which can be negative (flipping
+the label sign) and has an arbitrary scale. **Our default** is ``attn_abs=True`` (mean of
+|features|, the code's commented-out variant) followed by ``attn_norm="minmax"`` (per-sample
+rescale to [0, 1]; a constant map becomes 1), so A is non-negative and its scale does not depend
+on D's initialisation. The code's variant is ``attn_abs=False, attn_norm="none"``; ``"sigmoid"``
+is the third choice. ``use_attention=False`` sets A ≡ 1 (and D is then not trained unless
+``lambda_adv > 0``); ``use_latent=False`` sets z ≡ 0 in training and sampling.
+
+Interpretation forced by the shared loop: `fit` computes all losses of a step from the weights
+before the step and then steps each optimiser on its own loss. So the G step's attention comes
+from D *before* this step's D update (a one-step lag against the code, which recomputes A with
+the just-updated D). Everything else follows Algorithm 1.
+
+Inference (Alg. 2 / code): x_T ~ N(0, I); for k = T..1: x̂0 = G(x_k, k-1, z_new, I), x_{k-1} ~
+q(x_{k-1}|x_k, x̂0) (k = 1 returns x̂0). ``n_samples`` chains per image; per channel
+p = mean_n clamp((x̂0 + 1)/2, 0, 1). `predict_proba` returns p normalised over classes (binary:
+[1 - p, p]); the class map (`decision`) is ``"argmax_mean"`` (argmax of p, default) or
+``"mean_round"`` (the code: round each channel at 0.5, then argmax; 0.5 rounds to 0). Uncertainty
+= per-pixel vote spread = 1 - fraction of samples whose own class map agrees with the final class.
+D is not needed at inference and is not part of `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ldiffusion.core.config import check_range
+from ldiffusion.core.errors import ConfigError, InputError
+from ldiffusion.core.rng import make_generator
+from ldiffusion.diffusion.samplers.vp_posterior import VPPosterior
+from ldiffusion.methods.base import MethodConfig, OptimizerSpec, Segmenter, Stage
+from ldiffusion.nets.cdal import CDALDiscriminator, CDALGenerator, cdal_preset
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CDALConfig", "CDALMethod", "r1_penalty"]
+
+IGNORE = 255
+# MoNuSeg per-channel statistics on the 0-255 scale (authors' code).
+_MONUSEG_MEAN = (142.07, 98.48, 132.96)
+_MONUSEG_STD = (65.78, 57.05, 57.78)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CDALConfig(MethodConfig):
+    """cDAL config (defaults = the "tiny" preset; METHODS.md Part 3 §5, §7).
+
+    Attributes:
+        T: diffusion steps (2 or 4 in the paper).
+        beta_min, beta_max: VP schedule.
+        g_nf, g_ch_mult, g_num_res_blocks, g_attn_resolutions, g_enc_blocks: generator layout
+            (attention resolutions in px at ``crop_px``; encoder blocks = L_enc x R_enc).
+        nz, z_emb_dim, n_mlp: latent size, style width, mapping depth.
+        dropout: dropout in the generator's residual blocks.
+        d_ngf, d_t_emb_dim, d_n_down, d_variant, d_init: discriminator layout and init
+            ("normal" = N(0, 0.02) conv weights, monu/lung script).
+        lr_g, lr_d: Adam learning rates (the shared ``lr`` field is not used by cDAL).
+        betas: Adam betas of both optimisers.
+        r1_gamma: R1 weight γ (penalty γ/2 · E‖∇D‖²); 0 turns it off.
+        lazy_r1: apply R1 every this many steps (1 = every step); not rescaled.
+        attn_scale: resolution (px at ``crop_px``) of the D feature map used for attention; the
+            deepest feature map at that resolution is used.
+        attn_index: explicit index into ``D.get_features`` (overrides ``attn_scale``).
+        attn_abs: channel mean of |features| (default, non-negative) instead of the raw mean (code).
+        attn_norm: "minmax" (default, per-sample to [0, 1]), "sigmoid" or "none" (code).
+        use_attention: ablation switch; False sets A ≡ 1.
+        use_latent: ablation switch; False sets z ≡ 0 in training and sampling.
+        lambda_adv: weight of the optional adversarial generator term (0 = paper eq. 4).
+        decision: "argmax_mean" (argmax of the mean probabilities) or "mean_round" (code).
+        image_norm: "monuseg" ((255 v - mean) / std, authors' statistics) or "unit" (2 v - 1).
+        invert_labels: binary tasks only: foreground = -1 (the CXR code's polarity).
+        binary_one_channel: a 2-class task diffuses one channel (paper); False uses 2 one-hot channels.
+    """
+
+    T: int = 2
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    g_nf: int = 16
+    g_ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    g_num_res_blocks: int = 1
+    g_attn_resolutions: tuple[int, ...] = (16,)
+    g_enc_blocks: int = 1
+    nz: int = 16
+    z_emb_dim: int = 32
+    n_mlp: int = 2
+    dropout: float = 0.0
+    d_ngf: int = 8
+    d_t_emb_dim: int = 32
+    d_n_down: int = 4
+    d_variant: Literal["large", "small"] = "large"
+    d_init: Literal["normal", "default"] = "normal"
+    lr_g: float = 2e-4
+    lr_d: float = 1e-4
+    # tuple[float, ...] (+ length check): core.config._coerce swaps (type, value) for fixed-length tuples
+    betas: tuple[float, ...] = (0.5, 0.9)
+    r1_gamma: float = 1.0
+    lazy_r1: int = 2
+    attn_scale: int = 16
+    attn_index: int | None = None
+    attn_abs: bool = True
+    attn_norm: Literal["none", "minmax", "sigmoid"] = "minmax"
+    use_attention: bool = True
+    use_latent: bool = True
+    lambda_adv: float = 0.0
+    decision: Literal["argmax_mean", "mean_round"] = "argmax_mean"
+    image_norm: Literal["monuseg", "unit"] = "monuseg"
+    invert_labels: bool = False
+    binary_one_channel: bool = True
+    n_samples: int = 5
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("T", self.T, 1, 1000)
+        check_range("beta_min", self.beta_min, 0.0, lo_open=True)
+        if self.beta_max < self.beta_min:
+            raise ConfigError(f"beta_max={self.beta_max} should be >= beta_min={self.beta_min}")
+        for key in ("g_nf", "g_num_res_blocks", "nz", "z_emb_dim", "d_ngf", "d_t_emb_dim", "d_n_down",
+                    "lazy_r1", "attn_scale"):
+            check_range(key, getattr(self, key), 1)
+        check_range("g_enc_blocks", self.g_enc_blocks, 0)
+        check_range("n_mlp", self.n_mlp, 0)
+        check_range("dropout", self.dropout, 0.0, 1.0)
+        check_range("lr_g", self.lr_g, 0.0, lo_open=True)
+        check_range("lr_d", self.lr_d, 0.0, lo_open=True)
+        if len(self.betas) != 2:
+            raise ConfigError(f"betas={list(self.betas)} should be two numbers [beta1, beta2]")
+        for i, b in enumerate(self.betas):
+            check_range(f"betas[{i}]", b, 0.0, 1.0)
+        check_range("r1_gamma", self.r1_gamma, 0.0)
+        check_range("lambda_adv", self.lambda_adv, 0.0)
+        if not self.g_ch_mult or any(m < 1 for m in self.g_ch_mult):
+            raise ConfigError(f"g_ch_mult={self.g_ch_mult!r} should be a non-empty list of positive integers")
+        g_div = 2 ** (len(self.g_ch_mult) - 1)
+        if self.crop_px % g_div or self.crop_px % 2**self.d_n_down:
+            raise ConfigError(f"crop_px={self.crop_px} should be divisible by 2**(len(g_ch_mult)-1)={g_div} "
+                              f"and by 2**d_n_down={2**self.d_n_down}")
+        if self.attn_index is not None:
+            check_range("attn_index", self.attn_index, 0)
+
+
+def _preset(name: str, **extra: Any) -> dict[str, Any]:
+    p = cdal_preset(name)
+    g, d = p["generator"], p["discriminator"]
+    out = {"g_nf": g["nf"], "g_ch_mult": list(g["ch_mult"]), "g_num_res_blocks": g["num_res_blocks"],
+           "g_attn_resolutions": list(g["attn_resolutions"]), "g_enc_blocks": g["enc_blocks"], "nz": g["nz"],
+           "z_emb_dim": g["z_emb_dim"], "n_mlp": g["n_mlp"], "dropout": g["dropout"], "d_ngf": d["ngf"],
+           "d_t_emb_dim": d["t_emb_dim"], "d_n_down": d["n_down"], "d_variant": d["variant"],
+           "crop_px": p["crop_px"]}
+    out.update(extra)
+    return out
+
+
+def r1_penalty(d_real: Tensor, x_real: Tensor, gamma: float) -> Tensor:
+    """Return the R1 penalty γ/2 · mean_b ‖∂ Σ d_real / ∂ x_real[b]‖² (graph kept for backprop).
+
+    Args:
+        d_real: discriminator logits (B, 1) computed from ``x_real``.
+        x_real: the input (B, ...) the gradient is taken against; must require grad.
+        gamma: weight γ.
+
+    Returns:
+        Scalar tensor (0 when D does not depend on ``x_real``).
+    """
+    (grad,) = torch.autograd.grad(d_real.sum(), x_real, create_graph=True, allow_unused=True)
+    if grad is None:
+        return d_real.sum() * 0.0
+    return gamma / 2.0 * grad.flatten(1).pow(2).sum(1).mean()
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    gdev = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gdev).to(device)
+
+
+class CDALMethod(Segmenter):
+    """cDAL segmenter: generator ``self.gen`` (saved) + discriminator ``self.disc`` (training only).
+
+    Example:
+        >>> from ldiffusion.methods.cdal import CDALConfig, CDALMethod
+        >>> m = CDALMethod(CDALConfig(n_samples=1), num_classes=2)
+        >>> m.predict_proba(torch.rand(1, 3, 64, 64), generator=torch.Generator().manual_seed(0)).shape
+        torch.Size([1, 2, 64, 64])
+    """
+
+    name: ClassVar[str] = "cdal"
+    config_cls: ClassVar[type[MethodConfig]] = CDALConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": _preset("tiny", T=2, batch_size=4, lr_g=2e-4, lr_d=1e-4, lazy_r1=2, steps=30, n_samples=2,
+                        attn_scale=16, val_every=10, ckpt_every=10),
+        "small": _preset("small", T=2, batch_size=4, lr_g=2e-4, lr_d=1e-4, lazy_r1=10, steps=300, n_samples=5,
+                         attn_scale=32, val_every=100, ckpt_every=100),
+        # MoNuSeg column: 12000 epochs x 7 iterations; the cosine LR decay of the code is not applied.
+        "paper": _preset("paper", T=4, batch_size=4, lr_g=2e-4, lr_d=1e-4, lazy_r1=10, steps=84000,
+                         n_samples=5, attn_scale=32, val_every=700, ckpt_every=700),
+    }
+
+    def __init__(self, cfg: MethodConfig, num_classes: int, in_channels: int = 3,
+                 class_names: list[str] | None = None) -> None:
+        super().__init__(cfg, num_classes, in_channels, class_names)
+        if not isinstance(cfg, CDALConfig):
+            raise ConfigError(f"cdal needs a CDALConfig, got {type(cfg).__name__}")
+        if num_classes < 2:
+            raise ConfigError(f"cdal needs num_classes >= 2 (background + foreground), got {num_classes}")
+        if cfg.invert_labels and not self._one_channel(cfg, num_classes):
+            raise ConfigError("invert_labels=true needs a binary task with binary_one_channel=true")
+        self.label_channels = 1 if self._one_channel(cfg, num_classes) else num_classes
+        self.gen = CDALGenerator(self.label_channels, in_channels, nf=cfg.g_nf, ch_mult=cfg.g_ch_mult,
+                                 num_res_blocks=cfg.g_num_res_blocks, attn_resolutions=cfg.g_attn_resolutions,
+                                 enc_blocks=cfg.g_enc_blocks, nz=cfg.nz, z_emb_dim=cfg.z_emb_dim,
+                                 n_mlp=cfg.n_mlp, dropout=cfg.dropout, image_size=cfg.crop_px)
+        self.disc = CDALDiscriminator(self.label_channels, ngf=cfg.d_ngf, t_emb_dim=cfg.d_t_emb_dim,
+                                      n_down=cfg.d_n_down, variant=cfg.d_variant, init=cfg.d_init)
+        self.process = VPPosterior(cfg.T, cfg.beta_min, cfg.beta_max)
+        self.size_divisor = self.gen.size_divisor
+        self.attn_feature_index = self._resolve_attn_index(cfg)
+        # counts training steps (lazy R1); saved in train_state.pt, not in model.safetensors
+        self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
+        if cfg.image_norm == "monuseg" and in_channels == 3:
+            mean, std = torch.tensor(_MONUSEG_MEAN) / 255.0, torch.tensor(_MONUSEG_STD) / 255.0
+        else:
+            mean, std = torch.full((in_channels,), 0.5), torch.full((in_channels,), 0.5)
+        self.register_buffer("img_mean", mean.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("img_std", std.view(1, -1, 1, 1), persistent=False)
+
+    @staticmethod
+    def _one_channel(cfg: CDALConfig, num_classes: int) -> bool:
+        return num_classes == 2 and cfg.binary_one_channel
+
+    def _resolve_attn_index(self, cfg: CDALConfig) -> int:
+        strides = self.disc.feature_strides
+        res = [cfg.crop_px // s for s in strides]
+        if cfg.attn_index is not None:
+            if cfg.attn_index >= len(strides):
+                raise ConfigError(f"attn_index={cfg.attn_index} is out of range; the discriminator has "
+                                  f"{len(strides)} feature maps (resolutions {res} at crop_px={cfg.crop_px})")
+            return cfg.attn_index
+        matches = [i for i, r in enumerate(res) if r == cfg.attn_scale and cfg.crop_px % strides[i] == 0]
+        if not matches:
+            raise ConfigError(f"attn_scale={cfg.attn_scale} matches no discriminator feature map; at "
+                              f"crop_px={cfg.crop_px} they have resolutions {res}")
+        return matches[-1]
+
+    @property
+    def trains_discriminator(self) -> bool:
+        """True when D is trained (attention on, or an adversarial G term)."""
+        cfg = self.cfg
+        assert isinstance(cfg, CDALConfig)
+        return cfg.use_attention or cfg.lambda_adv > 0
+
+    # ------------------------------------------------------------------ helpers
+    def preprocess(self, images: Tensor) -> Tensor:
+        """Normalise images (B, C, H, W) in [0, 1] for the image encoder (see ``image_norm``)."""
+        images = super().preprocess(images)
+        return (images - self.img_mean) / self.img_std
+
+    def encode_labels(self, label: Tensor) -> tuple[Tensor, Tensor]:
+        """Turn class ids (B, H, W) into x0 (B, C_y, H, W) in {-1, +1} and a valid mask (B, 1, H, W).
+
+        Binary one-channel: x0 = 2·[label == 1] - 1 (negated with ``invert_labels``). Otherwise
+        x0 = 2·onehot - 1. Ignored pixels (255) get -1 in every channel and valid = 0.
+        """
+        if label.ndim != 3:
+            raise InputError(f"cdal: expected labels (B, H, W), got {tuple(label.shape)}")
+        valid = (label != IGNORE)
+        lab = torch.where(valid, label, torch.zeros_like(label)).long()
+        if lab.numel() and int(lab.max()) >= self.num_classes:
+            raise InputError(f"cdal: label value {int(lab.max())} >= num_classes={self.num_classes}")
+        if self.label_channels == 1:
+            x0 = (lab == 1).float().unsqueeze(1) * 2.0 - 1.0
+            cfg = self.cfg
+            assert isinstance(cfg, CDALConfig)
+            if cfg.invert_labels:
+                x0 = -x0
+        else:
+            x0 = F.one_hot(lab, self.num_classes).permute(0, 3, 1, 2).float() * 2.0 - 1.0
+        valid_f = valid.unsqueeze(1).float()
+        x0 = torch.where(valid_f > 0, x0, torch.full_like(x0, -1.0))
+        return x0, valid_f
+
+    def sample_z(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+        """Return z (n, nz): N(0, I) draws, or zeros when ``use_latent`` is False."""
+        cfg = self.cfg
+        assert isinstance(cfg, CDALConfig)
+        if not cfg.use_latent:
+            return torch.zeros(n, cfg.nz, device=device)
+        return _randn((n, cfg.nz), generator, device)
+
+    def attention_map(self, x_prev: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+        """Return the attention map A (B, 1, H, W) from D's features of a (real) pair, without grad.
+
+        A = channel mean of (|f| if ``attn_abs`` else f) for the feature map ``attn_feature_index``,
+        bilinearly upsampled (align_corners=False) to x_prev's size, then ``attn_norm``
+        ("minmax": per-sample (A - min)/(max - min), a constant map gives 1; "sigmoid"; "none").
+        Non-negative unless ``attn_abs=False`` and ``attn_norm="none"`` (the authors' code).
+        """
+        cfg = self.cfg
+        assert isinstance(cfg, CDALConfig)
+        with torch.no_grad():
+            f = self.disc.get_features(x_prev, xt, t)[self.attn_feature_index].float()
+            a = (f.abs() if cfg.attn_abs else f).mean(1, keepdim=True)
+            a = F.interpolate(a, size=x_prev.shape[-2:], mode="bilinear", align_corners=False)
+            if cfg.attn_norm == "minmax":
+                lo = a.amin(dim=(1, 2, 3), keepdim=True)
+                span = a.amax(dim=(1, 2, 3), keepdim=True) - lo
+                a = torch.where(span > 1e-12, (a - lo) / span.clamp_min(1e-12), torch.ones_like(a))
+            elif cfg.attn_norm == "sigmoid":
+                a = torch.sigmoid(a)
+        return a.to(x_prev.dtype)
+
+    def _random_k(self, n: int, generator: torch.Generator, device: torch.device) -> Tensor:
+        cfg = self.cfg
+        assert isinstance(cfg, CDALConfig)
+        return torch.randint(1, cfg.T + 1, (n,), generator=generator, device=generator.device).to(device)
+
+    # ------------------------------------------------------------------ training
+    def stages(self) -> list[Stage]:
+        """One stage "main" with Adam optimisers "d" (discriminator, when trained) and "g" (generator)."""
+        cfg = self.cfg
+        assert isinstance(cfg, CDALConfig)
+        opts: dict[str, OptimizerSpec] = {}
+        if self.trains_discriminator:
+            opts["d"] = OptimizerSpec(list(self.disc.parameters()), cfg.lr_d, (cfg.betas[0], cfg.betas[1]))
+        opts["g"] = OptimizerSpec(list(self.gen.parameters()), cfg.lr_g, (cfg.betas[0], cfg.betas[1]))
+        return [Stage(name="main", optimizers=opts, steps=cfg.steps, batch_size=cfg.batch_size,
+                      epochs=cfg.epochs, val_every=cfg.val_every)]
+
+    def training_step(self, batch: dict[str, Any], generator: torch.Generator,
+                      stage: str) -> dict[str, Tensor]:
+        """Return {"d": L_D (+R1), "g": L_G, "log/...": diagnostics} for one batch (Algorithm 1).
+
+        Both losses are computed from the current weights; `fit` then steps D on "d" and G on "g".
+        A loop that updates D before computing G's loss (the code's exact order) can call
+        `discriminator_loss` and `generator_loss` itself, in that order, with the same generator.
+        """
+        image = self.preprocess(batch["image"])
+        x0, valid = self.encode_labels(batch["label"].to(image.device))
+        out: dict[str, Tensor] = {}
+        if self.trains_discriminator:
+            out.update(self.discriminator_loss(x0, image, generator))
+        with torch.no_grad():
+            self.train_steps += 1
+        out.update(self.generator_loss(x0, valid, image, generator))
+        return out
+
+    def discriminator_loss(self, x0: Tensor, image: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """Return {"d": softplus(-D(real)) + softplus(D(fake)) [+ R1], "log/...": ...} (G frozen).
+
+        Args:
+            x0: labels (B, C_y, H, W) in {-1, +1} (`encode_labels`).
+            image: normalised images (B, C_I, H, W) (`preprocess`).
+            generator: generator of k, the pair noise, z and the posterior noise.
+
+        R1 is added when ``train_steps % lazy_r1 == 0`` (``train_steps`` counts `training_step` calls).
+        """
+        cfg = self.cfg
+        assert isinstance(cfg, CDALConfig)
+        b, dev = x0.shape[0], x0.device
+        out: dict[str, Tensor] = {}
+        k = self._random_k(b, generator, dev)
+        x_prev, x_k = self.process.q_sample_pair(x0, k, generator)
+        x_prev = x_prev.detach().requires_grad_(True)  # before the D pass, for R1
+        d_real = self.disc(x_prev, x_k, k - 1)
+        loss_d = F.softplus(-d_real).mean()
+        if cfg.r1_gamma > 0 and int(self.train_steps) % cfg.lazy_r1 == 0:
+            r1 = r1_penalty(d_real, x_prev, cfg.r1_gamma)
+            loss_d = loss_d + r1
+            out["log/r1"] = r1.detach()
+        with torch.no_grad():  # the fake pass never reaches G
+            x0_fake = self.gen(x_k, k - 1, self.sample_z(b, generator, dev), image)
+            x_prev_fake = self.process.posterior_sample(x0_fake, x_k, k, generator)
+        d_fake = self.disc(x_prev_fake.detach(), x_k, k - 1)
+        out["d"] = loss_d + F.softplus(d_fake).mean()
+        out["log/d_real"] = d_real.detach().mean()
+        out["log/d_fake"] = d_fake.detach().mean()
+        return out
+
+    def generator_loss(self, x0: Tensor, valid: Tensor, image: Tensor,
+                       generator: torch.Generator) -> dict[str, Tensor]:
+        """Return {"g": eq. 4 MSE [+ lambda_adv · adversarial], "log/...": ...} (D frozen).
+
+        Args:
+            x0: labels (B, C_y, H, W) in {-1, +1}; valid: (B, 1, H, W) 1 = annotated pixel.
+            image: normalised images (B, C_I, H, W).
+            generator: generator of k, the pair noise and z.
+
+        The MSE target is the un-attended x0, averaged over annotated pixels and label channels.
+        """
+        cfg = self.cfg
+        assert isinstance(cfg, CDALConfig)
+        b, dev = x0.shape[0], x0.device
+        out: dict[str, Tensor] = {}
+        k = self._random_k(b, generator, dev)
+        if cfg.use_attention:
+            x_prev_r, x_k_r = self.process.q_sample_pair(x0, k, generator)  # fresh real pair
+            a = self.attention_map(x_prev_r, x_k_r, k - 1)
+            x0_att = a * x0
+            out["log/attn_min"], out["log/attn_mean"], out["log/attn_max"] = a.min(), a.mean(), a.max()
+        else:
+            x0_att = x0
+        _, x_k_att = self.process.q_sample_pair(x0_att, k, generator)  # fresh noise
+        x0_hat = self.gen(x_k_att, k - 1, self.sample_z(b, generator, dev), image)
+        n_valid = valid.sum() * self.label_channels
+        mse = ((x0_hat.float() - x0) ** 2 * valid).sum() / n_valid.clamp_min(1.0)
+        loss_g = mse
+        if cfg.lambda_adv > 0:
+            x_prev_fake = self.process.posterior_sample(x0_hat, x_k_att, k, generator)
+            adv = F.softplus(-self.disc(x_prev_fake, x_k_att, k - 1)).mean()
+            loss_g = loss_g + cfg.lambda_adv * adv
+            out["log/g_adv"] = adv.detach()
+        out["g"] = loss_g
+        out["log/mse"] = mse.detach()
+        return out
+
+    # ------------------------------------------------------------------ run folder
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """Return the generator weights only (no discriminator, no step counter)."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith("gen.")}
+
+    # ------------------------------------------------------------------ inference
+    def _default_generator(self, generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+        if generator is not None:
+            return generator
+        return make_generator(self.cfg.seed, device)
+
+    @torch.no_grad()
+    def sample(self, images: Tensor, *, n_samples: int | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Draw x̂0 samples with T posterior steps from x_T ~ N(0, I) (Algorithm 2, code variant).
+
+        Args:
+            images: (B, C, H, W) float32 in [0, 1]; H, W multiples of ``size_divisor``.
+            n_samples: chains per image (default ``cfg.n_samples``); each draws fresh x_T and z.
+            generator: generator of every draw (None: a generator seeded with ``cfg.seed``).
+
+        Returns:
+            x̂0 samples (S, B, C_y, H, W) in (-1, 1).
+        """
+        cfg = self.cfg
+        assert isinstance(cfg, CDALConfig)
+        n = cfg.n_samples if n_samples is None else int(n_samples)
+        if n < 1:
+            raise InputError(f"cdal: n_samples={n} should be >= 1")
+        image = self.preprocess(images)
+        b, _, h, w = image.shape
+        dev = image.device
+        gen = self._default_generator(generator, dev)
+        outs = []
+        for _ in range(n):
+            x = _randn((b, self.label_channels, h, w), gen, dev)
+            for k in range(cfg.T, 0, -1):
+                kk = torch.full((b,), k, dtype=torch.long, device=dev)
+                x0_hat = self.gen(x, kk - 1, self.sample_z(b, gen, dev), image).float()
+                x = self.process.posterior_sample(x0_hat, x, kk, gen) if k > 1 else x0_hat
+            outs.append(x)
+        return torch.stack(outs)
+
+    def _channel_probs(self, samples: Tensor) -> Tensor:
+        """Per-channel foreground probability of samples (..., C_y, H, W): clamp((x + 1)/2, 0, 1)."""
+        cfg = self.cfg
+        assert isinstance(cfg, CDALConfig)
+        x = -samples if cfg.invert_labels else samples
+        return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def _to_class_probs(self, p: Tensor) -> Tensor:
+        """Turn per-channel probabilities (B, C_y, H, W) into class probabilities (B, K, H, W)."""
+        if self.label_channels == 1:
+            return torch.cat([1.0 - p, p], dim=1)
+        s = p.sum(1, keepdim=True)
+        uniform = torch.full_like(p, 1.0 / p.shape[1])
+        return torch.where(s > 1e-6, p / s.clamp_min(1e-6), uniform)
+
+    def _decide(self, p: Tensor) -> Tensor:
+        """Class map (B, H, W) from per-channel probabilities (B, C_y, H, W) with ``cfg.decision``."""
+        cfg = self.cfg
+        assert isinstance(cfg, CDALConfig)
+        if self.label_channels == 1:
+            return (p[:, 0] > 0.5).long()  # round(p): 0.5 -> 0, same for both decisions
+        if cfg.decision == "mean_round":
+            return (p > 0.5).float().argmax(1)  # round each channel, then argmax (all 0 -> class 0)
+        return p.argmax(1)
+
+    def _padded(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        from ldiffusion.train.validation import pad_to_multiple
+
+        if images.ndim != 4:
+            raise InputError(f"cdal: expected images (B, C, H, W), got {tuple(images.shape)}")
+        return pad_to_multiple(images, self.size_divisor)
+
+    def _predict_all(self, images: Tensor, generator: torch.Generator | None,
+                     n_samples: int | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Return (class probs (B, K, H, W), class map (B, H, W), vote uncertainty (B, H, W))."""
+        padded, (h, w) = self._padded(images)
+        samples = self.sample(padded, n_samples=n_samples, generator=generator)[..., :h, :w]
+        per = self._channel_probs(samples)  # (S, B, C_y, H, W)
+        p = per.mean(0)
+        final = self._decide(p)
+        votes = torch.stack([self._decide(ps) for ps in per])  # (S, B, H, W)
+        agree = (votes == final.unsqueeze(0)).float().mean(0)
+        return self._to_class_probs(p), final, 1.0 - agree
+
+    def predict_proba(self, images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Return class probabilities (B, K, H, W) averaged over ``n_samples`` chains.
+
+        Args:
+            images: (B, C, H, W) float32 in [0, 1] (padded internally to ``size_divisor``).
+            generator: generator of the sampling noise (None: seeded with ``cfg.seed``).
+        """
+        return self._predict_all(images, generator, None)[0]
+
+    def predict(self, images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Return class maps (B, H, W) int64 with the configured ``decision`` rule."""
+        return self._predict_all(images, generator, None)[1]
+
+    def predict_with_uncertainty(self, images: Tensor, *, generator: torch.Generator | None = None,
+                                 n_samples: int | None = None) -> tuple[Tensor, Tensor]:
+        """Return (probs (B, K, H, W), vote spread (B, H, W) in [0, 1 - 1/S]).
+
+        The spread is 1 - (fraction of samples whose own class map equals the final class map).
+        """
+        probs, _, unc = self._predict_all(images, generator, n_samples)
+        return probs, unc
+
+    def validation_score(self, batches: Iterable[dict[str, Any]], generator: torch.Generator,
+                         stage: str) -> float:
+        """Mean foreground Dice (dataset level) of `predict` (the configured decision) on validation."""
+        from ldiffusion.train.validation import DiceAccumulator
+
+        acc = DiceAccumulator(self.num_classes)
+        with torch.no_grad():
+            for batch in batches:
+                pred = self.predict(batch["image"].to(self.device), generator=generator)
+                acc.update(pred, batch["label"].to(pred.device))
+        return acc.mean_foreground_dice()

@@ -1,0 +1,517 @@
+"""LDSeg (`"ldseg"`): latent diffusion on a standardised label latent, trained end to end (METHODS Part 2).
+
+Training (one step, [P Alg. 1], METHODS Part 2 §3)::
+
+    z_i = E_img(x);  z0 = E_lab(y)                       # (B, 1, H/16, W/16) each; z0 standardised
+    t ~ U{0..T-1} per sample;  eps ~ N(0, I) per sample  # `t_per_batch`, `shared_noise` = code variants
+    z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps         # cosine schedule, T = 1000
+    eps_hat = Den([z_t || z_i], t)
+    z_dn = z_t - eps_hat                                 # eq. 12 literal (`zdn_mode="x0"`: exact x0)
+    p = softmax(Dec(z_dn))
+    loss = CE(p, y) + gamma (1 - Dice(p, y)) + lambda mean((eps_hat - eps)^2)
+
+All four networks share one Adam optimiser ("model"; the code's four Adams on one loss are the same
+thing). An exponential moving average of the denoiser (`ema`, code-only) is used at inference.
+
+Inference ([P §V-B], METHODS Part 2 §4): DDIM in the latent on the grid
+tau_j = round(j (T-1) / (K-1)), j = 0..K-1 (K = `ddim_steps` >= 2, default 2, i.e. {T-1, 0}), starting
+from z_T ~ N(0, I), renormalising z after every step (`renorm`: per sample by default; "batch" is the
+code's whole-array statistics, which couples images), then argmax of Dec(z). The last grid point
+tau_0 = 0 has abar = 1, so its update is the identity; it is skipped unless `call_at_zero`.
+
+Randomness at inference: image b of a batch gets a base seed drawn (in batch order) from the passed
+generator, and run s of that image draws all its noise from its own generator seeded with
+`derive_seed(base_b, s)`. So an image's output does not depend on the images after it in the batch,
+nor on how the S runs are chunked, and run 0 of an S-run call equals the 1-run call.
+
+Uncertainty ([P §VII], `predict_with_uncertainty`): S runs; the mean map is the mean of the one-hot
+masks, and the uncertainty is the per-pixel standard deviation over runs of each foreground one-hot
+channel, maximum over foreground classes (`uncertainty="sd"`; exactly 0 for S = 1) or the normalised
+entropy of the mean map (`uncertainty="entropy"`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldiffusion.core.config import check_range
+from ldiffusion.core.errors import ConfigError, InputError
+from ldiffusion.core.rng import derive_seed, make_generator
+from ldiffusion.methods.base import MethodConfig, Segmenter
+from ldiffusion.nets.ldseg import LDSEG_SIZE_DIVISOR, build_ldseg_nets, check_ldseg_input, ldseg_preset
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LDSegConfig",
+    "LDSegSegmenter",
+    "cosine_alpha_bar",
+    "ddim_grid",
+    "ddim_update",
+    "ldseg_dice",
+    "renormalize",
+]
+
+IGNORE = 255
+
+
+# ---------------------------------------------------------------------------------------------- math
+def cosine_alpha_bar(t: Tensor, T: int = 1000, s: float = 0.008) -> Tensor:
+    """Return the cosine abar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2), float64.
+
+    Works for non-integer t (the code's unrounded DDIM grid); at integers it equals
+    `ldiffusion.diffusion.schedules.cosine_alphas_cumprod(T, s)[t]` (abar_0 = 1, abar_999 = 2.43e-6).
+
+    Args:
+        t: steps, any shape, int or float, in [0, T-1].
+        T: number of diffusion steps.
+        s: cosine offset.
+    """
+    t64 = t.to(torch.float64)
+    f = torch.cos((t64 / T + s) / (1 + s) * math.pi / 2) ** 2
+    f0 = math.cos(s / (1 + s) * math.pi / 2) ** 2
+    return f / f0
+
+
+def ddim_grid(T: int, k: int, round_grid: bool = True) -> Tensor:
+    """Return the K evenly spaced DDIM grid points in descending order, float64 (K,).
+
+    tau_j = round(j (T-1)/(K-1)) (paper, ``round_grid=True``) or the code's unrounded
+    ``linspace(0, T-1, K)``; the first is T-1 and the last 0.
+
+    Raises:
+        ConfigError: K < 2 (K = 1 holds only tau = 0 and returns noise) or, with rounding, K > T.
+
+    Example:
+        >>> ddim_grid(1000, 2).tolist()
+        [999.0, 0.0]
+    """
+    if k < 2:
+        raise ConfigError(f"ddim_steps={k} is not valid; LDSeg needs >= 2 grid points (K=1 holds only "
+                          "tau=0 and returns noise)")
+    if round_grid and k > T:
+        raise ConfigError(f"ddim_steps={k} is not valid; with round_grid it must be <= T={T}")
+    j = torch.arange(k, dtype=torch.float64)
+    grid = j * (T - 1) / (k - 1)
+    if round_grid:
+        grid = torch.round(grid)
+    return grid.flip(0)
+
+
+def ddim_update(z: Tensor, eps_hat: Tensor, abar_t: float, abar_prev: float, eta: float = 0.0,
+                noise: Tensor | None = None) -> Tensor:
+    """One generalised DDIM step (Song et al. eq. 12) from abar_t to abar_prev; x0 is never clipped.
+
+    x0 = (z - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t);
+    z' = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps_hat + s n,
+    s = eta sqrt((1 - abar_prev)/(1 - abar_t) (1 - abar_t/abar_prev)).
+    With abar_t = abar_prev = 1 (tau = 0) the step is the identity.
+
+    Args:
+        z: current latent (B, 1, h, w).
+        eps_hat: predicted noise, same shape.
+        abar_t: abar at the current point (> 0).
+        abar_prev: abar at the next (smaller) point, >= abar_t.
+        eta: 0 = DDIM, 1 = DDPM-like.
+        noise: N(0, I) draw of z's shape; required when s > 0.
+    """
+    one_m_t = 1.0 - abar_t
+    one_m_p = 1.0 - abar_prev
+    sigma = 0.0
+    if eta > 0 and one_m_t > 0 and one_m_p > 0:
+        sigma = eta * math.sqrt(one_m_p / one_m_t * (1.0 - abar_t / abar_prev))
+    x0 = (z - math.sqrt(max(one_m_t, 0.0)) * eps_hat) / math.sqrt(abar_t)
+    out = math.sqrt(abar_prev) * x0 + math.sqrt(max(one_m_p - sigma**2, 0.0)) * eps_hat
+    if sigma > 0:
+        if noise is None:
+            raise InputError("ddim_update: eta > 0 needs a noise tensor")
+        out = out + sigma * noise
+    return out
+
+
+def renormalize(z: Tensor, mode: Literal["sample", "batch", "none"], eps: float = 1e-5) -> Tensor:
+    """Standardise latents (B, C, h, w): (z - mean) / (std + eps) per sample, over the batch, or not.
+
+    "batch" is the public code's `mean_variance_normalization` over the whole array (couples images).
+    """
+    if mode == "none":
+        return z
+    dims = (1, 2, 3) if mode == "sample" else tuple(range(z.ndim))
+    mean = z.mean(dim=dims, keepdim=True)
+    std = z.std(dim=dims, unbiased=False, keepdim=True)
+    return (z - mean) / (std + eps)
+
+
+def ldseg_dice(probs: Tensor, target: Tensor, mode: Literal["mean_fg", "code_global"] = "mean_fg",
+               ignore_index: int = IGNORE, eps: float = 1e-6) -> Tensor:
+    """Return the soft Dice of softmax probabilities (the loss uses ``1 - dice``).
+
+    ``mean_fg`` [D]: per class c, 2 sum(p_c y_c) / (sum p_c + sum y_c + eps) summed over batch and
+    pixels, averaged over the foreground classes (1..K-1) present in ``target``; 1 when none is
+    present (the term then contributes no gradient). ``code_global`` [C:trainer.py]: one sum over
+    batch, pixels and all classes incl. background; with softmax it equals the mean probability of
+    the true class. Pixels labelled ``ignore_index`` are excluded.
+
+    Args:
+        probs: (B, K, H, W) probabilities summing to 1 over K.
+        target: (B, H, W) int64 labels.
+        mode: "mean_fg" | "code_global".
+        ignore_index: unlabelled value.
+        eps: denominator smoothing.
+    """
+    k = probs.shape[1]
+    valid = (target != ignore_index).unsqueeze(1).to(probs.dtype)
+    safe = torch.where(target == ignore_index, torch.zeros_like(target), target).clamp(0, k - 1)
+    onehot = F.one_hot(safe, k).permute(0, 3, 1, 2).to(probs.dtype) * valid
+    p = probs * valid
+    if mode == "code_global":
+        return 2 * (p * onehot).sum() / (p.sum() + onehot.sum() + eps)
+    dims = (0, 2, 3)
+    inter = (p * onehot).sum(dims)
+    denom = p.sum(dims) + onehot.sum(dims)
+    dice = 2 * inter / (denom + eps)
+    present = onehot.sum(dims) > 0
+    present[0] = k == 1
+    if not bool(present.any()):
+        return probs.sum() * 0.0 + 1.0
+    return dice[present].mean()
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LDSegConfig(MethodConfig):
+    """LDSeg config (METHODS Part 2 §5, §7, §8).
+
+    Attributes:
+        arch: network widths, `nets.ldseg.ldseg_preset` name ("tiny" | "small" | "paper").
+        dropout: dropout of the encoders and the decoder (None = the arch preset's value).
+        T: diffusion steps (cosine schedule, s = 0.008).
+        gamma: weight of (1 - Dice).
+        lam: weight of the latent MSE(eps_hat, eps).
+        zdn_mode: "literal" z_dn = z_t - eps_hat (paper eq. 12 and code) | "x0" exact x0 estimate,
+            renormalised per sample (ablation).
+        shared_noise: one eps map per batch (code) instead of per sample (paper).
+        t_per_batch: one t per batch ([P] text) instead of per sample (code).
+        dice_mode: "mean_fg" soft Dice over foreground classes [D] | "code_global" (code).
+        label_input: "onehot" [D] | "index" (code: class id as one float channel).
+        latent_affine: learnable element-wise affine after the label LayerNorm (code); breaks mu=0,
+            sigma=1.
+        decoder_bn: BatchNorm on the decoder logits (code).
+        image_norm: "minmax" per-image min-max of the input (code) | "none".
+        renorm: latent renormalisation at inference: "sample" [D] | "batch" (code) | "none".
+        ddim_steps: K grid points (>= 2, <= T); 2 = {T-1, 0}.
+        eta: DDIM eta (0 = deterministic given z_T).
+        round_grid: round the grid to integers (paper) or keep the code's float points.
+        call_at_zero: also run the (identity) denoiser call at tau = 0, as the code does (timing parity).
+        ema: EMA decay of the denoiser, used at inference (None = off).
+        uncertainty: "sd" (max over foreground classes of the per-pixel SD of one-hot masks) | "entropy".
+        uncertainty_samples: runs R of `predict_with_uncertainty` when `n_samples` is not given.
+        mean_map: what `predict_proba` averages over its `n_samples` runs: "onehot" masks (paper) or
+            "softmax" probabilities.
+        sample_chunk: at most this many (image, run) pairs go through the decoder at once.
+    """
+
+    arch: Literal["tiny", "small", "paper"] = "tiny"
+    dropout: float | None = None
+    T: int = 1000
+    gamma: float = 2.0
+    lam: float = 1.0
+    zdn_mode: Literal["literal", "x0"] = "literal"
+    shared_noise: bool = False
+    t_per_batch: bool = False
+    dice_mode: Literal["mean_fg", "code_global"] = "mean_fg"
+    label_input: Literal["onehot", "index"] = "onehot"
+    latent_affine: bool = False
+    decoder_bn: bool = True
+    image_norm: Literal["minmax", "none"] = "minmax"
+    renorm: Literal["sample", "batch", "none"] = "sample"
+    ddim_steps: int = 2
+    eta: float = 0.0
+    round_grid: bool = True
+    call_at_zero: bool = False
+    ema: float | None = None
+    uncertainty: Literal["sd", "entropy"] = "sd"
+    uncertainty_samples: int = 4
+    mean_map: Literal["onehot", "softmax"] = "onehot"
+    sample_chunk: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dropout is not None:
+            check_range("dropout", self.dropout, 0.0, 1.0)
+        check_range("T", self.T, 2)
+        check_range("gamma", self.gamma, 0.0)
+        check_range("lam", self.lam, 0.0)
+        check_range("ddim_steps", self.ddim_steps, 2, self.T)
+        check_range("eta", self.eta, 0.0, 1.0)
+        if self.ema is not None:
+            check_range("ema", self.ema, 0.0, 1.0, lo_open=True)
+            if self.ema >= 1.0:
+                raise ConfigError(f"ema={self.ema} should be < 1 (or null to turn the EMA off)")
+        check_range("uncertainty_samples", self.uncertainty_samples, 1)
+        check_range("sample_chunk", self.sample_chunk, 1)
+        if self.crop_px % LDSEG_SIZE_DIVISOR:
+            raise ConfigError(f"crop_px={self.crop_px} should be divisible by {LDSEG_SIZE_DIVISOR} for LDSeg "
+                              "(16x down-sampling to the latent, then 4x inside the denoiser)")
+
+
+# ---------------------------------------------------------------------------------------------- method
+class LDSegSegmenter(Segmenter):
+    """LDSeg: label/image encoders, latent denoiser and label decoder trained jointly.
+
+    Modules: ``label_encoder`` (training only), ``image_encoder``, ``denoiser`` (+ ``denoiser_ema``
+    when `ema` is set), ``decoder``. `inference_state_dict` holds the image encoder, the decoder and
+    the denoiser used at inference (the EMA when on).
+    """
+
+    name: ClassVar[str] = "ldseg"
+    config_cls: ClassVar[type[MethodConfig]] = LDSegConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # METHODS Part 2 §7; flips only (code), no rot90, no gradient clipping (code).
+        "tiny": {"arch": "tiny", "crop_px": 64, "batch_size": 4, "lr": 1e-3, "steps": 3, "val_every": 0,
+                 "ckpt_every": 50, "ema": None, "dropout": 0.0, "uncertainty_samples": 4, "flips": True,
+                 "rot90": False, "grad_clip": None},
+        "small": {"arch": "small", "crop_px": 256, "batch_size": 4, "lr": 1e-3, "steps": 660, "epochs": 30,
+                  "val_every": 66, "ckpt_every": 66, "ema": 0.99, "dropout": 0.2, "uncertainty_samples": 10,
+                  "flips": True, "rot90": False, "grad_clip": None},
+        "paper": {"arch": "paper", "crop_px": 512, "batch_size": 4, "lr": 1e-3, "steps": 53000, "epochs": 2500,
+                  "val_every": 2120, "ckpt_every": 2120, "ema": 0.999, "dropout": 0.2,
+                  "uncertainty_samples": 100, "flips": True, "rot90": False, "grad_clip": None},
+    }
+
+    def __init__(self, cfg: MethodConfig, num_classes: int, in_channels: int = 3,
+                 class_names: Sequence[str] | None = None) -> None:
+        super().__init__(cfg, num_classes, in_channels, class_names)
+        if not isinstance(cfg, LDSegConfig):  # pragma: no cover - checked by the base class
+            raise ConfigError("LDSegSegmenter needs an LDSegConfig")
+        self.size_divisor = LDSEG_SIZE_DIVISOR
+        latent = cfg.crop_px // 16
+        nets = build_ldseg_nets(ldseg_preset(cfg.arch), num_classes, in_channels, label_input=cfg.label_input,
+                                latent_affine=cfg.latent_affine, latent_hw=(latent, latent),
+                                dropout=cfg.dropout, decoder_bn=cfg.decoder_bn)
+        self.label_encoder = nets["label_encoder"]
+        self.image_encoder = nets["image_encoder"]
+        self.denoiser = nets["denoiser"]
+        self.decoder = nets["decoder"]
+        self.denoiser_ema: nn.Module | None = None
+        if cfg.ema is not None:
+            self.denoiser_ema = copy.deepcopy(self.denoiser)
+            for p in self.denoiser_ema.parameters():
+                p.requires_grad_(False)
+        # 1 when an optimiser step has run since the EMA was last updated (part of train_state.pt).
+        self.register_buffer("ema_pending", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("alphas_cumprod", cosine_alpha_bar(torch.arange(cfg.T), cfg.T), persistent=False)
+
+    @property
+    def lcfg(self) -> LDSegConfig:
+        """The config, typed."""
+        assert isinstance(self.cfg, LDSegConfig)
+        return self.cfg
+
+    # ------------------------------------------------------------------ helpers
+    def preprocess(self, images: Tensor) -> Tensor:
+        """Check (B, C_in, H, W) with H, W divisible by 64 and apply the per-image min-max (`image_norm`)."""
+        check_ldseg_input(images, "ldseg", self.in_channels)
+        x = images.float()
+        if self.lcfg.image_norm == "minmax":
+            lo = x.amin(dim=(1, 2, 3), keepdim=True)
+            hi = x.amax(dim=(1, 2, 3), keepdim=True)
+            x = (x - lo) / (hi - lo).clamp_min(1e-6)
+        return x
+
+    def inference_denoiser(self) -> nn.Module:
+        """Return the denoiser used at inference (the EMA copy when `ema` is on)."""
+        self._sync_ema()
+        return self.denoiser_ema if self.denoiser_ema is not None else self.denoiser
+
+    @torch.no_grad()
+    def _sync_ema(self) -> None:
+        """Fold the weights of the last optimiser step into the EMA (once per step)."""
+        if self.denoiser_ema is None or int(self.ema_pending) == 0:
+            return
+        d = float(self.lcfg.ema)  # type: ignore[arg-type]
+        for pe, p in zip(self.denoiser_ema.parameters(), self.denoiser.parameters(), strict=True):
+            pe.lerp_(p.detach(), 1.0 - d)
+        for be, b in zip(self.denoiser_ema.buffers(), self.denoiser.buffers(), strict=True):
+            be.copy_(b)
+        self.ema_pending.zero_()
+
+    def _abar(self, t: Tensor) -> Tensor:
+        return self.alphas_cumprod.to(t.device)[t]
+
+    # ------------------------------------------------------------------ training
+    def forward_train(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """Run the training forward pass; return every intermediate tensor (for tests and losses).
+
+        Returns:
+            Dict with "z0", "zi", "t", "eps", "zt", "eps_hat", "zdn" (B, 1, h, w; t (B,)) and
+            "logits" (B, K, H, W).
+        """
+        cfg = self.lcfg
+        x = self.preprocess(images)
+        zi = self.image_encoder(x)
+        z0 = self.label_encoder(labels)
+        b = z0.shape[0]
+        gdev = generator.device
+        n_t = 1 if cfg.t_per_batch else b
+        t = torch.randint(0, cfg.T, (n_t,), generator=generator, device=gdev).to(z0.device).expand(b)
+        eps_shape = (1, *z0.shape[1:]) if cfg.shared_noise else tuple(z0.shape)
+        eps = torch.randn(eps_shape, generator=generator, device=gdev).to(z0.device, z0.dtype).expand_as(z0)
+        ab = self._abar(t).to(z0.dtype).view(b, 1, 1, 1)
+        zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+        eps_hat = self.denoiser(torch.cat([zt, zi], dim=1), t)
+        if cfg.zdn_mode == "literal":
+            zdn = zt - eps_hat  # [P eq. 12]
+        else:
+            zdn = renormalize((zt - (1 - ab).sqrt() * eps_hat) / ab.sqrt(), "sample")
+        logits = self.decoder(zdn)
+        return {"z0": z0, "zi": zi, "t": t, "eps": eps, "zt": zt, "eps_hat": eps_hat, "zdn": zdn,
+                "logits": logits}
+
+    def training_step(self, batch: dict[str, Any], generator: torch.Generator,
+                      stage: str) -> dict[str, Tensor]:
+        """Return {"model": CE + gamma (1 - Dice) + lambda MSE, "log/ce", "log/dice", "log/mse"}."""
+        cfg = self.lcfg
+        self._sync_ema()
+        labels = batch["label"]
+        out = self.forward_train(batch["image"], labels, generator)
+        logits = out["logits"].float()
+        if bool((labels != IGNORE).any()):
+            ce = F.cross_entropy(logits, labels, ignore_index=IGNORE)
+        else:
+            ce = logits.sum() * 0.0
+        dice = ldseg_dice(torch.softmax(logits, dim=1), labels, cfg.dice_mode)
+        mse = F.mse_loss(out["eps_hat"].float(), out["eps"].float())
+        loss = ce + cfg.gamma * (1.0 - dice) + cfg.lam * mse
+        if self.denoiser_ema is not None:
+            self.ema_pending.fill_(1)
+        return {"model": loss, "log/ce": ce.detach(), "log/dice": dice.detach(), "log/mse": mse.detach()}
+
+    def validation_score(self, batches: Iterable[dict[str, Any]], generator: torch.Generator,
+                         stage: str) -> float:
+        """Mean foreground Dice of the sampled masks on the validation set (EMA denoiser)."""
+        self._sync_ema()
+        return super().validation_score(batches, generator, stage)
+
+    def on_stage_end(self, stage: str, train_batches: Iterable[dict[str, Any]]) -> None:
+        """Fold the last optimiser step into the EMA."""
+        self._sync_ema()
+
+    # ------------------------------------------------------------------ run folder
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """Return the image encoder, decoder and inference denoiser weights (label encoder excluded)."""
+        self._sync_ema()
+        den = "denoiser_ema." if self.denoiser_ema is not None else "denoiser."
+        keep = ("image_encoder.", "decoder.", den)
+        return {k: v for k, v in self.state_dict().items() if k.startswith(keep)}
+
+    # ------------------------------------------------------------------ inference
+    def _run_seeds(self, batch: int, generator: torch.Generator | None) -> list[int]:
+        g = generator if generator is not None else make_generator(self.lcfg.seed)
+        return [int(torch.randint(0, 2**62, (1,), generator=g, device=g.device).item()) for _ in range(batch)]
+
+    @torch.no_grad()
+    def sample_logits(self, zi: Tensor, seeds: Sequence[int]) -> Tensor:
+        """Run the DDIM sampler from z_T for each latent condition and decode.
+
+        Args:
+            zi: image embeddings (N, 1, h, w).
+            seeds: one seed per row of ``zi``; row n draws z_T (and eta noise) from its own generator.
+
+        Returns:
+            Logits (N, K, 16h, 16w).
+        """
+        cfg = self.lcfg
+        den = self.inference_denoiser()
+        gens = [make_generator(s) for s in seeds]
+        shape = (1, *zi.shape[1:])
+
+        def draw() -> Tensor:
+            return torch.cat([torch.randn(shape, generator=g) for g in gens]).to(zi.device, zi.dtype)
+
+        z = renormalize(draw(), cfg.renorm)
+        grid = ddim_grid(cfg.T, cfg.ddim_steps, cfg.round_grid).tolist()
+        n = zi.shape[0]
+        for tau, tau_prev in itertools.pairwise(grid):
+            t = torch.full((n,), tau, device=zi.device)
+            eps_hat = den(torch.cat([z, zi], dim=1), t)
+            ab_t = float(cosine_alpha_bar(torch.tensor(tau), cfg.T))
+            ab_p = float(cosine_alpha_bar(torch.tensor(tau_prev), cfg.T))
+            noise = draw() if cfg.eta > 0 else None
+            z = renormalize(ddim_update(z, eps_hat, ab_t, ab_p, cfg.eta, noise), cfg.renorm)
+        if cfg.call_at_zero:  # the code's extra call at tau_0 = 0: abar = 1, identity update
+            eps_hat = den(torch.cat([z, zi], dim=1), torch.zeros(n, device=zi.device))
+            z = renormalize(ddim_update(z, eps_hat, 1.0, 1.0), cfg.renorm)
+        return self.decoder(z).float()
+
+    @torch.no_grad()
+    def _runs(self, images: Tensor, generator: torch.Generator | None, n_samples: int,
+              ) -> tuple[Tensor, Tensor]:
+        """Return (mean of one-hot masks, mean of softmax maps), each (B, K, H, W), over n_samples runs."""
+        cfg = self.lcfg
+        zi = self.image_encoder(self.preprocess(images))
+        b = zi.shape[0]
+        base = self._run_seeds(b, generator)
+        pairs = [(i, s) for i in range(b) for s in range(n_samples)]
+        if cfg.renorm == "batch":  # whole-array statistics: all pairs must go through together
+            chunks = [pairs]
+        else:
+            chunks = [pairs[j:j + cfg.sample_chunk] for j in range(0, len(pairs), cfg.sample_chunk)]
+        k = self.num_classes
+        h, w = images.shape[-2:]
+        onehot_sum = torch.zeros(b, k, h, w, device=images.device)
+        soft_sum = torch.zeros(b, k, h, w, device=images.device)
+        for chunk in chunks:
+            idx = torch.tensor([i for i, _ in chunk], device=zi.device)
+            logits = self.sample_logits(zi[idx], [derive_seed(base[i], s) for i, s in chunk])
+            probs = torch.softmax(logits, dim=1)
+            onehot = F.one_hot(probs.argmax(1), k).permute(0, 3, 1, 2).to(probs.dtype)
+            onehot_sum.index_add_(0, idx, onehot)
+            soft_sum.index_add_(0, idx, probs)
+        return onehot_sum / n_samples, soft_sum / n_samples
+
+    def predict_proba(self, images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Return (B, K, H, W) probabilities: the mean over `n_samples` runs of one-hot masks (paper) or of
+        softmax maps (`mean_map="softmax"`).
+
+        Args:
+            images: (B, C_in, H, W) float32 in [0, 1], H, W divisible by 64.
+            generator: source of the per-image seeds (None: a generator seeded with `cfg.seed`).
+        """
+        onehot, soft = self._runs(images, generator, self.lcfg.n_samples)
+        return onehot if self.lcfg.mean_map == "onehot" else soft
+
+    def predict_with_uncertainty(self, images: Tensor, *, generator: torch.Generator | None = None,
+                                 n_samples: int | None = None) -> tuple[Tensor, Tensor]:
+        """Return (mean of one-hot masks (B, K, H, W), uncertainty (B, H, W)) over S runs.
+
+        ``uncertainty="sd"``: per-pixel SD over runs of each foreground one-hot channel
+        (sqrt(m (1 - m)) for the run frequency m), maximum over foreground classes; 0 where all runs
+        agree, hence 0 everywhere for S = 1. ``"entropy"``: entropy of the mean map / log K, in [0, 1].
+
+        Args:
+            images: (B, C_in, H, W) float32 in [0, 1].
+            generator: source of the per-image seeds.
+            n_samples: S (default `uncertainty_samples`).
+        """
+        s = int(n_samples if n_samples is not None else self.lcfg.uncertainty_samples)
+        if s < 1:
+            raise InputError(f"n_samples={s} should be >= 1")
+        mean, _ = self._runs(images, generator, s)
+        if self.lcfg.uncertainty == "sd":
+            fg = mean[:, 1:] if mean.shape[1] > 1 else mean
+            unc = torch.sqrt((fg * (1 - fg)).clamp_min(0)).amax(dim=1)
+        else:
+            ent = -(mean * torch.log(mean.clamp_min(1e-12))).sum(1)
+            unc = ent / max(math.log(mean.shape[1]), 1e-12)
+        return mean, unc

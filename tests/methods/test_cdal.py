@@ -1,0 +1,353 @@
+"""cDAL method: presets, attention, R1, posterior sampling, checkpoints, ablations, e2e (METHODS Part 3)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ldiffusion.core.errors import ConfigError
+from ldiffusion.core.io import load_weights
+from ldiffusion.methods import METHODS, resolve_config
+from ldiffusion.methods.cdal import CDALConfig, CDALMethod, r1_penalty
+from ldiffusion.nets.cdal import CDALDiscriminator
+
+K = 5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Keep these CPU tests on one thread (the test machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(**kw):
+    return CDALConfig.from_dict({**CDALMethod.presets["tiny"], "preset": "tiny", **kw})
+
+
+def _method(num_classes=K, seed=0, **kw):
+    cfg = _cfg(seed=seed, **kw)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return CDALMethod(cfg, num_classes=num_classes)
+
+
+def _batch(b=4, s=32, num_classes=K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(b, 3, s, s, generator=g)
+    label = torch.randint(0, num_classes, (b, s // 8, s // 8), generator=g)
+    label = label.repeat_interleave(8, 1).repeat_interleave(8, 2)  # blocky maps, like objects
+    label[0, :2] = 255
+    return {"image": image, "label": label, "id": [str(i) for i in range(b)],
+            "annotated": torch.ones(b, dtype=torch.bool)}
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_presets_resolve_and_validate():
+    for name in ("tiny", "small", "paper"):
+        cfg = CDALConfig.from_dict({**CDALMethod.presets[name], "preset": name})
+        assert cfg.betas == (0.5, 0.9) and cfg.beta_min == 0.1 and cfg.beta_max == 20.0
+        assert cfg.lambda_adv == 0.0 and cfg.use_attention and cfg.use_latent
+        assert cfg.attn_abs and cfg.attn_norm == "minmax"
+    assert CDALConfig.from_dict(CDALMethod.presets["paper"]).T == 4
+    assert CDALConfig.from_dict(CDALMethod.presets["small"]).n_samples == 5
+    with pytest.raises(ConfigError, match="attn_norm"):
+        _cfg(attn_norm="softmax")
+    with pytest.raises(ConfigError, match="crop_px"):
+        _cfg(crop_px=60)
+    with pytest.raises(ConfigError, match="attn_scale=12"):
+        _method(attn_scale=12)
+
+
+def test_registered_as_cdal():
+    if "cdal" not in METHODS:
+        pytest.skip("'cdal' is not yet registered in ldiffusion.methods._register_builtin")
+    assert METHODS.get("cdal") is CDALMethod
+    assert resolve_config("cdal", preset="tiny").T == 2
+
+
+def test_attention_index_follows_scale():
+    assert _method().attn_feature_index == 2  # tiny D at 64 px: 0:64, 1:32, 2:16
+    assert _method(crop_px=32, attn_scale=8).attn_feature_index == 2
+    assert _method(attn_index=4).attn_feature_index == 4
+
+
+# ---------------------------------------------------------------------------------------------- attention
+@pytest.mark.parametrize(("attn_abs", "attn_norm"), [(True, "minmax"), (True, "none"), (False, "sigmoid"),
+                                                     (False, "minmax")])
+def test_attention_map_shape_and_non_negative(attn_abs, attn_norm):
+    m = _method(attn_abs=attn_abs, attn_norm=attn_norm)
+    x0, _ = m.encode_labels(_batch(2, 64)["label"])
+    xp, xk = m.process.q_sample_pair(x0, torch.tensor([1, 2]), _gen(0))
+    a = m.attention_map(xp, xk, torch.tensor([0, 1]))
+    assert a.shape == (2, 1, 64, 64)  # the label's spatial size
+    assert bool((a >= 0).all()) and torch.isfinite(a).all()
+    assert not a.requires_grad
+    if attn_norm in ("minmax", "sigmoid"):
+        assert float(a.max()) <= 1.0
+
+
+def test_raw_attention_is_the_code_channel_mean():
+    m = _method(attn_abs=False, attn_norm="none")
+    x0, _ = m.encode_labels(_batch(2, 64)["label"])
+    xp, xk = m.process.q_sample_pair(x0, 1, _gen(0))
+    t = torch.zeros(2, dtype=torch.long)
+    f = m.disc.get_features(xp, xk, t)[2].mean(1, keepdim=True)
+    ref = torch.nn.functional.interpolate(f, size=(64, 64), mode="bilinear", align_corners=False)
+    assert torch.allclose(m.attention_map(xp, xk, t), ref)
+
+
+def test_minmax_constant_map_is_one():
+    m = _method()
+    with torch.no_grad():
+        for p in m.disc.parameters():
+            p.zero_()
+    x = torch.randn(2, K, 32, 32)
+    assert torch.equal(m.attention_map(x, x, torch.zeros(2, dtype=torch.long)), torch.ones(2, 1, 32, 32))
+
+
+# ---------------------------------------------------------------------------------------------- R1
+def test_r1_zero_for_discriminator_constant_in_its_input():
+    d = CDALDiscriminator(1, ngf=4, t_emb_dim=8, n_down=2)
+    with torch.no_grad():
+        d.start.weight.zero_()  # D no longer depends on (x_prev, x_t)
+    x = torch.randn(4, 1, 16, 16, requires_grad=True)
+    r1 = r1_penalty(d(x, torch.randn(4, 1, 16, 16), torch.zeros(4, dtype=torch.long)), x, 1.0)
+    assert float(r1.detach()) == 0.0
+
+
+def test_r1_non_zero_and_finite_for_real_discriminator():
+    d = CDALDiscriminator(1, ngf=4, t_emb_dim=8, n_down=2, init="default")
+    x = torch.randn(4, 1, 16, 16, requires_grad=True)
+    r1 = r1_penalty(d(x, torch.randn(4, 1, 16, 16), torch.zeros(4, dtype=torch.long)), x, 1.0)
+    assert torch.isfinite(r1) and float(r1) > 0
+    (g,) = torch.autograd.grad(r1, next(d.parameters()))  # create_graph: R1 back-propagates into D
+    assert torch.isfinite(g).all()
+
+
+def test_lazy_r1_every_k_steps():
+    m = _method(crop_px=32, attn_scale=8, lazy_r1=2)
+    with_r1 = ["log/r1" in m.training_step(_batch(2, 16), _gen(i), "main") for i in range(4)]
+    assert with_r1 == [True, False, True, False]
+    assert int(m.train_steps) == 4
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+def test_posterior_k1_returns_x0_hat():
+    m = _method()
+    x0_hat, xk = torch.rand(2, K, 8, 8) * 2 - 1, torch.randn(2, K, 8, 8)
+    assert torch.equal(m.process.posterior_sample(x0_hat, xk, 1, _gen(0)), x0_hat)
+
+
+def test_t1_sample_is_generator_output():
+    m = _method(T=1, n_samples=1).eval()
+    img = torch.rand(1, 3, 32, 32)
+    s = m.sample(img, generator=_gen(5))
+    g = _gen(5)
+    x_t = torch.randn(1, K, 32, 32, generator=g)
+    z = torch.randn(1, m.cfg.nz, generator=g)
+    with torch.no_grad():
+        ref = m.gen(x_t, torch.zeros(1, dtype=torch.long), z, m.preprocess(img))
+    assert torch.equal(s[0], ref)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 4])
+def test_sampling_gives_valid_class_maps(T):
+    m = _method(T=T, n_samples=2).eval()
+    img = torch.rand(2, 3, 20, 20)  # padded internally to 24
+    probs, unc = m.predict_with_uncertainty(img, generator=_gen(0))
+    pred = m.predict(img, generator=_gen(0))
+    assert probs.shape == (2, K, 20, 20) and unc.shape == (2, 20, 20) and pred.shape == (2, 20, 20)
+    assert torch.allclose(probs.sum(1), torch.ones(2, 20, 20), atol=1e-5) and bool((probs >= 0).all())
+    assert pred.dtype == torch.long and int(pred.min()) >= 0 and int(pred.max()) < K
+    assert bool((unc >= 0).all()) and bool((unc <= 1).all())
+
+
+def test_binary_task_uses_one_channel():
+    m = _method(num_classes=2, n_samples=3).eval()
+    assert m.label_channels == 1 and m.gen.label_channels == 1
+    x0, valid = m.encode_labels(torch.tensor([[[0, 1], [255, 1]]]))
+    assert x0.tolist() == [[[[-1.0, 1.0], [-1.0, 1.0]]]] and valid.tolist() == [[[[1.0, 1.0], [0.0, 1.0]]]]
+    probs, unc = m.predict_with_uncertainty(torch.rand(1, 3, 32, 32), generator=_gen(0))
+    assert probs.shape == (1, 2, 32, 32)
+    # 3 votes: the spread is a multiple of 1/3 (the final class rounds the *mean*, not the majority)
+    assert set(torch.round(unc * 3).unique().tolist()) <= {0.0, 1.0, 2.0}
+    assert torch.allclose(unc * 3, torch.round(unc * 3), atol=1e-5)
+
+
+def test_invert_labels_flips_polarity_only_inside():
+    m, mi = _method(num_classes=2), _method(num_classes=2, invert_labels=True)
+    lab = torch.tensor([[[0, 1], [1, 0]]])
+    assert torch.equal(mi.encode_labels(lab)[0], -m.encode_labels(lab)[0])
+    samples = torch.tensor([-0.8, 0.6]).view(2, 1, 1, 1, 1)  # (S, B, C_y, H, W)
+    assert torch.allclose(mi._channel_probs(-samples), m._channel_probs(samples))
+    with pytest.raises(ConfigError, match="invert_labels"):
+        _method(num_classes=3, invert_labels=True)
+
+
+def test_decision_rules():
+    m = _method(decision="mean_round")
+    p = torch.tensor([0.2, 0.6, 0.9]).view(1, 3, 1, 1)
+    assert int(m._decide(p)) == 1  # round per channel -> [0, 1, 1] -> first maximum
+    assert int(_method()._decide(p)) == 2  # argmax of the mean
+    assert int(m._decide(torch.full((1, 3, 1, 1), 0.5))) == 0  # nothing above 0.5 -> background
+
+
+def test_single_sample_has_zero_uncertainty():
+    m = _method(n_samples=1).eval()
+    _, unc = m.predict_with_uncertainty(torch.rand(1, 3, 32, 32), generator=_gen(0))
+    assert float(unc.abs().max()) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_inference_checkpoint_has_no_discriminator(tmp_path):
+    m = _method(n_samples=1).eval()
+    m.save(tmp_path)
+    keys = set(load_file(str(tmp_path / "model.safetensors")))
+    assert keys and all(k.startswith("gen.") for k in keys)
+    assert not any("disc" in k for k in keys) and "train_steps" not in keys
+    info = json.loads((tmp_path / "config.json").read_text())
+    assert info["method"] == "cdal"
+    other = _method(seed=1, n_samples=1).eval()
+    other.load_inference_state_dict(load_weights(tmp_path / "model.safetensors"))
+    img = torch.rand(1, 3, 32, 32)
+    assert torch.equal(m.predict_proba(img, generator=_gen(2)), other.predict_proba(img, generator=_gen(2)))
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_training_step_losses_and_stages():
+    m = _method(crop_px=32, attn_scale=8)
+    out = m.training_step(_batch(), _gen(0), "main")
+    assert set(m.stages()[0].optimizers) == {"d", "g"}
+    assert m.stages()[0].optimizers["g"].betas == (0.5, 0.9)
+    assert {"d", "g", "log/mse", "log/attn_min", "log/attn_mean", "log/attn_max"} <= set(out)
+    assert all(torch.isfinite(v) for v in out.values())
+    # G's loss reaches only G, D's loss only D (the fake pass runs under no_grad)
+    d_params, g_params = list(m.disc.parameters()), list(m.gen.parameters())
+    for loss, params in ((out["g"], d_params), (out["d"], g_params)):
+        assert all(g is None for g in torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+
+
+def test_generator_loss_falls_on_fixed_batch():
+    m = _method(crop_px=32, attn_scale=8, use_attention=False)
+    batch = _batch()
+    opt = torch.optim.Adam(m.gen.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    losses = []
+    for _ in range(8):
+        loss = m.training_step(batch, _gen(0), "main")["g"]
+        losses.append(float(loss))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_seeded_determinism():
+    a, b = _method(crop_px=32, attn_scale=8), _method(crop_px=32, attn_scale=8)
+    la = a.training_step(_batch(), _gen(3), "main")
+    lb = b.training_step(_batch(), _gen(3), "main")
+    assert all(torch.equal(la[k], lb[k]) for k in la)
+    img = torch.rand(1, 3, 32, 32)
+    pa, pb = a.eval().predict_proba(img, generator=_gen(1)), b.eval().predict_proba(img, generator=_gen(1))
+    assert torch.equal(pa, pb)
+    assert torch.equal(a.predict_proba(img), a.predict_proba(img))  # generator=None: seeded from cfg.seed
+    assert not torch.equal(a.predict_proba(img, generator=_gen(1)), a.predict_proba(img, generator=_gen(2)))
+
+
+def test_without_latent_x0_hat_is_deterministic():
+    m = _method(use_latent=False).eval()
+    with torch.no_grad():  # wake the zero-initialised convs so z could matter
+        for mod in m.gen.modules():
+            if isinstance(mod, torch.nn.Conv2d) and not bool(mod.weight.abs().gt(1e-3).any()):
+                mod.weight.normal_(0, 0.1)
+    xt, img, t = torch.randn(2, K, 32, 32), m.preprocess(torch.rand(2, 3, 32, 32)), torch.tensor([0, 1])
+    z1, z2 = m.sample_z(2, _gen(0), xt.device), m.sample_z(2, _gen(1), xt.device)
+    assert torch.equal(z1, torch.zeros_like(z1))
+    with torch.no_grad():
+        assert torch.equal(m.gen(xt, t, z1, img), m.gen(xt, t, z2, img))
+    m2 = _method(use_latent=True).eval()
+    m2.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert not torch.equal(m2.gen(xt, t, m2.sample_z(2, _gen(0), xt.device), img),
+                               m2.gen(xt, t, m2.sample_z(2, _gen(1), xt.device), img))
+
+
+def test_without_attention_trains_generator_only():
+    m = _method(crop_px=32, attn_scale=8, use_attention=False)
+    assert set(m.stages()[0].optimizers) == {"g"}
+    out = m.training_step(_batch(), _gen(0), "main")
+    assert "d" not in out and "log/attn_mean" not in out
+    m_adv = _method(crop_px=32, attn_scale=8, use_attention=False, lambda_adv=0.1)
+    out = m_adv.training_step(_batch(), _gen(0), "main")
+    assert set(m_adv.stages()[0].optimizers) == {"d", "g"} and "log/g_adv" in out
+
+
+def test_unannotated_batch_gives_zero_generator_loss():
+    m = _method(crop_px=32, attn_scale=8)
+    batch = _batch()
+    batch["label"].fill_(255)
+    out = m.training_step(batch, _gen(0), "main")
+    assert float(out["g"]) == 0.0 and torch.isfinite(out["d"])
+
+
+# ---------------------------------------------------------------------------------------------- through fit
+def _fit(m, synth_root, out, crop, **kw):
+    from ldiffusion.data.dataset import SegmentationDataset
+    from ldiffusion.data.transforms import TrainTransform
+    from ldiffusion.train.loop import fit
+
+    train = SegmentationDataset(synth_root, "train", transform=TrainTransform(crop_px=crop), seed=0)
+    val = SegmentationDataset(synth_root, "val")
+    return fit(m, train, val, out, progress=False, **kw)
+
+
+def test_fit_resume_matches_uninterrupted_run(synth_root, tmp_path):
+    kw = {"crop_px": 32, "attn_scale": 8, "steps": 3, "val_every": 0, "ckpt_every": 1, "n_samples": 1}
+    a = _method(**kw)
+    _fit(a, synth_root, tmp_path / "a", 32)
+    b = _method(**kw)
+    r = _fit(b, synth_root, tmp_path / "b", 32, max_steps=2)
+    assert not r.finished
+    b = _method(**kw)
+    _fit(b, synth_root, tmp_path / "b", 32, resume=True)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert int(sb["train_steps"]) == 3
+    assert all(k.startswith("gen.") for k in load_file(str(tmp_path / "b" / "model.safetensors")))
+
+
+@pytest.mark.e2e
+def test_e2e_tiny_synthetic_dice(synth_root, tmp_path):
+    """Tiny cDAL on the synthetic set (24 x 64 px, 5 classes) through `fit`.
+
+    Settings: tiny preset, 32-px crops, lr_g 2e-3, lr_d 4e-4, 80 steps, 2 samples. Measured on the
+    test split: mean foreground Dice 0.96 (predicting background everywhere scores 0.0).
+    """
+    from ldiffusion.data.dataset import SegmentationDataset
+    from ldiffusion.train.validation import DiceAccumulator
+
+    t0 = time.process_time()
+    m = _method(crop_px=32, attn_scale=8, lr_g=2e-3, lr_d=4e-4, steps=80, val_every=40, ckpt_every=80)
+    r = _fit(m, synth_root, tmp_path / "run", 32)
+    assert r.finished and r.best_score is not None
+    test = SegmentationDataset(synth_root, "test")
+    acc, acc_bg = DiceAccumulator(K), DiceAccumulator(K)
+    for i in range(len(test)):
+        item = test[i]
+        pred = m.predict(item["image"][None], generator=_gen(1))
+        acc.update(pred, item["label"][None])
+        acc_bg.update(torch.zeros_like(item["label"][None]), item["label"][None])
+    dice = acc.mean_foreground_dice()
+    assert acc_bg.mean_foreground_dice() == 0.0
+    assert dice > 0.8, f"foreground Dice {dice:.3f} (measured 0.96)"
+    assert time.process_time() - t0 < 180  # CPU seconds (wall time depends on machine load)

@@ -77,7 +77,10 @@ def create_method(name: str, cfg: dict[str, Any] | MethodConfig | None = None, *
     resolved = resolve_config(name, cfg, preset, overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(resolved.seed)
-        return cls(resolved, num_classes=num_classes, in_channels=in_channels, class_names=class_names)
+        method = cls(resolved, num_classes=num_classes, in_channels=in_channels, class_names=class_names)
+    if resolved.channels_last:
+        method.to(memory_format=torch.channels_last)
+    return method
 
 
 def load_segmenter(directory: str | Path, device: str | torch.device = "cpu") -> Trainable:
@@ -109,6 +112,8 @@ def load_segmenter(directory: str | Path, device: str | torch.device = "cpu") ->
                                       "ldiffusion_version")}
     method.load_inference_state_dict(load_weights(weights_path))
     method.to(torch.device(device))
+    if cfg.channels_last:
+        method.to(memory_format=torch.channels_last)
     method.eval()
     return method
 

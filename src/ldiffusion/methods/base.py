@@ -48,7 +48,11 @@ class MethodConfig(Config):
         ckpt_every: write `train_state.pt` every this many steps (and at the end).
         n_samples: stochastic methods average this many draws in `predict_proba`.
         seed: seed of the run (initialisation, data order, noise).
-        precision: "fp32" or "bf16" autocast for training steps.
+        precision: "fp32" or "bf16" autocast for training steps (bf16 autocast measured slower than
+            fp32 for these conv nets on a 2-core CPU: 14.6 vs 6.7 s per U-Net `small` step).
+        channels_last: keep 4-D weights in channels-last memory order for training and inference
+            (oneDNN's fast convolution layout on CPU: 1.3-1.4x faster there; same results up to float
+            rounding).
         max_minutes: wall-clock budget per stage; the stage stops cleanly (checkpointed) when spent.
         grad_clip: clip the gradient norm of each optimiser's parameters (None = off).
         flips, rot90, color_jitter: training augmentation.
@@ -66,6 +70,7 @@ class MethodConfig(Config):
     n_samples: int = 1
     seed: int = 0
     precision: Precision = "fp32"
+    channels_last: bool = True
     max_minutes: float | None = None
     grad_clip: float | None = 1.0
     flips: bool = True

@@ -166,6 +166,8 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
         raise CheckpointError(f"{state_path} exists: pass --resume (resume=True) to continue that run, "
                               "or choose a new output folder")
     method.to(device)
+    if cfg.channels_last:
+        method.to(memory_format=torch.channels_last)
     resolved = {**method.run_info(), "seed": generator_seed, "device": str(device),
                 "n_train": len(train_ds), "n_val": len(val_ds) if val_ds is not None else 0,  # type: ignore[arg-type]
                 "stages": [{"name": s.name, "steps": s.steps, "epochs": s.epochs, "batch_size": s.batch_size,

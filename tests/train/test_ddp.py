@@ -1,8 +1,9 @@
 """Data-parallel `fit` under torchrun: 2 CPU processes (gloo) on the synthetic data set.
 
 The worker script (written to tmp_path) builds the tiny U-Net with a *different* initial seed on
-each rank, trains a few steps with `fit`, then all-gathers the final parameters and buffers and
-the training sample indices each rank read. The test checks that the ranks end identical, that
+each rank, trains a few steps with `fit`, all-gathers the parameters after every step (from the
+step callback) and at the end, and the training sample indices each rank read. The test checks
+that the ranks are identical after every step (not only after the end-of-stage broadcast), that
 each step's global batch of the seeded order was split between the ranks without overlap, and
 that only rank 0 wrote the run folder.
 """
@@ -61,19 +62,30 @@ WORKER = textwrap.dedent('''
                            overrides=["steps=5", "val_every=2", "ckpt_every=3", f"seed={w.rank}"])
     train = Recording(SegmentationDataset(data, "train", transform=TrainTransform(crop_px=32), seed=0))
     val = SegmentationDataset(data, "val")
-    steps = []
-    res = fit(method, train, val, out, device="cpu", generator_seed=0, progress=False,
-              callback=lambda rec: steps.append(rec["losses"]["model"]))
+    steps, step_diffs = [], []
+
+
+    def max_rank_diff():
+        flat = torch.cat([t.detach().float().flatten() for t in method.state_dict().values()])
+        gathered = [torch.zeros_like(flat) for _ in range(w.size)]
+        dist.all_gather(gathered, flat)
+        return max(float((g - gathered[0]).abs().max()) for g in gathered)
+
+
+    def on_step(rec):  # called on every rank after each optimiser step
+        steps.append(rec["losses"]["model"])
+        step_diffs.append(max_rank_diff())
+
+
+    res = fit(method, train, val, out, device="cpu", generator_seed=0, progress=False, callback=on_step)
     n_train_reads = 5 * 2  # 5 steps, global batch 4 split 2 + 2
-    flat = torch.cat([t.detach().float().flatten() for t in method.state_dict().values()])
-    gathered = [torch.zeros_like(flat) for _ in range(w.size)]
-    dist.all_gather(gathered, flat)
+    final_diff = max_rank_diff()
     seen = [None] * w.size
     dist.all_gather_object(seen, train.seen[:n_train_reads])
     if w.rank == 0:
         report.write_text(json.dumps({
             "world": w.size,
-            "max_abs_diff": max(float((g - gathered[0]).abs().max()) for g in gathered),
+            "step_diffs": step_diffs, "final_diff": final_diff,
             "seen": seen, "losses": steps, "best_score": res.best_score, "finished": res.finished}))
     destroy_distributed()
 ''')
@@ -103,7 +115,9 @@ def test_two_ranks_end_identical_and_shard_the_seeded_order(synth_root, tmp_path
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rep = json.loads(report.read_text())
     assert rep["world"] == 2
-    assert rep["max_abs_diff"] == 0.0  # parameters and buffers bit-identical on both ranks
+    # parameters and buffers bit-identical on both ranks after every step and at the end
+    assert rep["step_diffs"] == [0.0] * 5
+    assert rep["final_diff"] == 0.0
     assert rep["finished"] and rep["best_score"] is not None
     assert len(rep["losses"]) == 5 and all(v == v for v in rep["losses"])
 

@@ -1,4 +1,4 @@
-"""`ldiffusion slide ...`: whole-slide commands (`predict`; room for `suggest`)."""
+"""`ldiffusion slide ...`: whole-slide commands (`predict`, `suggest`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ldiffusion.core.errors import InputError
 
 app = typer.Typer(
     name="slide",
-    help="Whole-slide images: tiled prediction to OME-TIFF, GeoJSON, stats.",
+    help="Whole-slide images: tiled prediction to OME-TIFF, GeoJSON, stats; regions to annotate next.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -94,6 +94,67 @@ def predict(
         results = run_slides(segmenter, jobs, out, progress=not no_progress, **kwargs)  # type: ignore[arg-type]
     done = sum(not r.skipped for r in results)
     print(f"{done} slides predicted, {len(results) - done} already finished; outputs in {out}")
+
+
+@app.command("suggest")
+def suggest(
+    run: Path = typer.Argument(..., help="Run folder (config.json + model.safetensors)."),
+    slide: Path = typer.Argument(..., help="Slide file (SVS, TIFF, or any OpenSlide format)."),
+    out: Path = typer.Option(..., "--out", help="GeoJSON file to write (QuPath: File > Import objects)."),
+    n: int = typer.Option(20, "--n", help="Number of regions to suggest."),
+    samples: int = typer.Option(
+        1, "--samples", help="Draws per tile: > 1 scores stochastic methods by their sample spread."
+    ),
+    tile: int = typer.Option(512, "--tile", help="Region (tile) side in px at the working resolution."),
+    min_spacing: float = typer.Option(
+        None, "--min-spacing", help="Minimum distance between region centres, level-0 px (default: one tile)."
+    ),
+    mpp: float = typer.Option(None, "--mpp", help="Microns per level-0 pixel (overrides/supplies metadata)."),
+    target_mpp: float = typer.Option(
+        None, "--target-mpp", help="Score at this resolution (default: level 0; use the training mpp)."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", help="Tiles per forward pass."),
+    min_tissue: float = typer.Option(0.5, "--min-tissue", help="Minimum tissue fraction of a tile."),
+    tissue: bool = typer.Option(True, "--tissue/--no-tissue", help="Score tissue tiles only."),
+    coords: str = typer.Option(
+        "qupath", "--coords", help="GeoJSON frame: qupath (minus slide bounds offset) or level0."
+    ),
+    class_name: str = typer.Option("Suggested", "--class-name", help="QuPath class of the rectangles."),
+    device: str = DEVICE,
+    seed: int = SEED,
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+) -> None:
+    """Suggest the N most uncertain tissue regions of SLIDE to annotate next (QuPath GeoJSON rectangles).
+
+    Score = mean per-pixel entropy of the predicted probabilities (normalised by log K), or with
+    --samples S > 1 the method's own spread over S draws; the top N are kept greedily with at
+    least --min-spacing between their centres.
+    """
+    from ldiffusion.core.device import resolve_device
+    from ldiffusion.infer.suggest import suggest_regions, write_suggestions
+    from ldiffusion.methods import load_segmenter
+
+    if coords not in ("qupath", "level0"):
+        raise InputError(f"--coords {coords!r} is not valid; choose 'qupath' or 'level0'")
+    segmenter = load_segmenter(run, resolve_device(device))
+    result = suggest_regions(
+        segmenter,  # type: ignore[arg-type]
+        slide,
+        n=n,
+        tile_px=tile,
+        min_spacing_px=min_spacing,
+        mpp=mpp,
+        target_mpp=target_mpp,
+        samples=samples,
+        batch_size=batch_size,
+        seed=seed,
+        tissue=tissue,
+        min_tissue=min_tissue,
+        progress=not no_progress,
+    )
+    count = write_suggestions(out, result, coords=coords, class_name=class_name)
+    top = ", ".join(f"{s.score:.4f}" for s in result.suggestions[:3])
+    print(f"suggested {count} regions of {result.n_tiles} tiles scored (top scores {top}) -> {out}")
 
 
 def register(root: typer.Typer) -> None:

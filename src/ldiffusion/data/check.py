@@ -211,5 +211,6 @@ def validate(root: str | os.PathLike[str]) -> list[Problem]:
     for case_id in unique:
         problems.extend(_check_sample(root, info, case_id))
     problems.extend(_orphans(root, set(unique)))
-    logger.info("checked %d ids of %s: %d problems", len(unique), root, len(problems))
+    n_warn = sum(p.level == "warning" for p in problems)
+    logger.info("checked %d ids of %s: %d errors, %d warnings", len(unique), root, len(problems) - n_warn, n_warn)
     return problems

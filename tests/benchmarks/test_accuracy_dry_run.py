@@ -1,0 +1,65 @@
+"""benchmarks/accuracy.py: the printed commands (dry run) and one tiny real run on the synthetic set."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "accuracy.py"
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_dry_run_prints_the_user_commands(tmp_path):
+    proc = _run("--dry-run", "--datasets", "monuseg", "glas", "--methods", "unet", "ldiffusion",
+                "--steps", "7", "--max-minutes", "3", "--set", "ldiffusion:val_every=0",
+                "--data-cache", str(tmp_path / "cache"), "--runs", str(tmp_path / "runs"),
+                "--shared-data", "/nonexistent/shared", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    cmds = [x[2:] for x in proc.stdout.splitlines() if x.startswith("$ ")]
+    # per data set: prepare; per method: train, predict, evaluate (GlaS: test, testA, testB)
+    assert len(cmds) == (1 + 2 * 3) + (1 + 2 * 5)
+    prepared = tmp_path / "cache" / "monuseg"
+    src = "/nonexistent/shared/monuseg"
+    assert cmds[0] == f"ldiffusion data prepare monuseg {src} {prepared} --seed 0 --no-progress"
+    train_unet, train_ld = (c for c in cmds if c.startswith("ldiffusion train") and "monuseg" in c)
+    assert "--set steps=7 --set epochs=null" in train_unet and "--max-minutes 3" in train_unet
+    assert "val_every" not in train_unet  # a method-prefixed --set goes to that method only
+    for key in ("ae_steps=7", "diffusion_steps=7", "seg_steps=7", "seg_epochs=null", "val_every=0"):
+        assert f"--set {key}" in train_ld
+    evals = [c for c in cmds if c.startswith("ldiffusion evaluate")]
+    assert all("--foreground-only --instances" in c for c in evals if "monuseg" in c)
+    assert [c.split("--split ")[1].split()[0] for c in evals if "glas" in c] == ["test", "testA", "testB"] * 2
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_unknown_dataset_is_an_error(tmp_path):
+    proc = _run("--dry-run", "--datasets", "monusegg", cwd=tmp_path)
+    assert proc.returncode != 0 and "unknown data set" in proc.stderr
+
+
+def test_tiny_real_run_and_reuse(synth_root, tmp_path):
+    args = ["--datasets", "synth", "--dataset-dir", f"synth={synth_root}", "--methods", "unet", "--preset",
+            "tiny", "--steps", "3", "--device", "cpu", "--runs", str(tmp_path / "runs")]
+    proc = _run(*args, "--out", str(tmp_path / "res.json"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "res.json").read_text())
+    (entry,) = res["results"]
+    assert entry["dataset"] == "synth" and entry["method"] == "unet"
+    scores = entry["scores"]["test"]
+    assert 0.0 <= scores["dice"] <= 1.0 and "aji" in scores and "pq" in scores
+    assert [c["command"].split()[1] for c in entry["commands"]] == ["train", "predict", "evaluate"]
+    assert "| synth | test | unet |" in (tmp_path / "res.md").read_text()
+
+    proc = _run(*args, "--reuse-runs", "--out", str(tmp_path / "res2.json"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "# reusing" in proc.stdout
+    (entry2,) = json.loads((tmp_path / "res2.json").read_text())["results"]
+    assert [c["command"].split()[1] for c in entry2["commands"]] == ["predict", "evaluate"]
+    assert entry2["scores"]["test"]["dice"] == scores["dice"]

@@ -100,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override key=value for every method, or method:key=value (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of training, prediction and data splits")
+    p.add_argument("--tag", default="", help="suffix of the run folder names (e.g. an ablation: noise-gaussian)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP/torch threads of every command (default: torch's choice)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--shared-data", type=Path, default=_default_shared(),
                    help="folder of the public releases")
@@ -229,6 +232,10 @@ def markdown(res: dict[str, Any]) -> str:
              f"- {res['date']} on {res['machine']} ({res['device']}), ldiffusion {res['ldiffusion']}, "
              f"torch {res['torch']}{commit}",
              f"- preset `{res['preset']}`, seed {res['seed']}, budget: {res['budget']}",
+             *([f"- config overrides (`--set`): {', '.join(f'`{o}`' for o in res['overrides'])}"]
+               if res.get("overrides") else []),
+             *([f"- {res['threads']} thread(s) per command"] if res.get("threads") else []),
+             f"- command: `{res['command']}`",
              "- weights selected on the validation split; test split scored once with `ldiffusion evaluate`",
              ""]
     for ds, conv in res["conventions"].items():
@@ -243,7 +250,8 @@ def markdown(res: dict[str, Any]) -> str:
                 continue
             haus, val = m.get("obj_hausdorff"), r.get("val_score")
             train_s, predict_s = r.get("train_s"), r.get("predict_s")
-            cells = [r["dataset"], part, r["method"], _pct(m.get("dice")), _pct(m.get("miou")),
+            label = r["method"] + (f" ({r['tag']})" if r.get("tag") else "")
+            cells = [r["dataset"], part, label, _pct(m.get("dice")), _pct(m.get("miou")),
                      _pct(m.get("aji")), _pct(m.get("pq")), _pct(m.get("obj_f1")), _pct(m.get("obj_dice")),
                      "-" if haus is None else f"{haus:.1f}", "-" if val is None else f"{val:.3f}",
                      "-" if train_s is None else f"{train_s / 60:.1f}",
@@ -289,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for m in args.methods:
         METHODS.get(m)  # unknown method -> error listing the choices
+    if args.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every command
     run = Runner(args.dry_run)
     t0 = time.perf_counter()
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
@@ -302,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         budget.append(f"at most {args.max_minutes:g} min per stage")
     res: dict[str, Any] = {
         "schema": 1, "date": date, "machine": machine, "device": args.device, "preset": args.preset,
-        "seed": args.seed, "budget": ", ".join(budget) or "the preset's step counts",
+        "seed": args.seed, "tag": args.tag, "threads": args.threads, "overrides": args.overrides,
+        "budget": ", ".join(budget) or "the preset's step counts",
         "ldiffusion": ldiffusion.__version__, "torch": torch.__version__, "python": platform.python_version(),
         "git_commit": _git_commit(), "command": "python benchmarks/accuracy.py " +
         shlex.join(sys.argv[1:] if argv is None else argv), "conventions": {}, "results": [],
@@ -324,8 +335,10 @@ def main(argv: list[str] | None = None) -> int:
             spec = DatasetSpec("-", str(data), tuple(flags), note="prepared folder given with --dataset-dir")
         res["conventions"][ds] = {"flags": " ".join(spec.eval_flags), "note": spec.note, "data": str(data)}
         for method in args.methods:
-            out_run = args.runs / ds / f"{method}-{args.preset}-seed{args.seed}"
-            entry: dict[str, Any] = {"dataset": ds, "method": method, "run": str(out_run), "commands": []}
+            tag = f"-{args.tag}" if args.tag else ""
+            out_run = args.runs / ds / f"{method}-{args.preset}-seed{args.seed}{tag}"
+            entry: dict[str, Any] = {"dataset": ds, "method": method, "tag": args.tag, "run": str(out_run),
+                                     "commands": []}
             res["results"].append(entry)
             sets = budget_overrides(method, args.steps) + method_overrides(method, args.overrides)
             if args.reuse_runs and _finished(out_run):

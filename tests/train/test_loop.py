@@ -124,3 +124,38 @@ def test_unannotated_images_skipped_by_segmenter_stage(synth_root, tmp_path):
 
     ds = SegmentationDataset(synth_root, "train", annotated_ids={SegmentationDataset(synth_root, "train").ids[0]})
     assert _annotated_indices(ds) == [0]
+
+
+class _TwoStageUNet:
+    """Factory for a U-Net whose 'first' stage scores far above anything the 'main' stage reaches."""
+
+    @staticmethod
+    def build():
+        from ldiffusion.methods.base import Stage
+
+        method = _method(["val_every=0"])
+        base_stages, base_score = method.stages, method.validation_score
+
+        def stages():
+            (main,) = base_stages()
+            first = Stage(name="first", optimizers=main.optimizers, steps=2, batch_size=2, selects_on_val=False)
+            return [first, main]
+
+        def validation_score(batches, generator, stage):
+            score = base_score(batches, generator, stage)
+            return 100.0 + score if stage == "first" else score
+
+        method.stages, method.validation_score = stages, validation_score
+        return method
+
+
+def test_each_stage_selects_on_its_own_score(synth_root, tmp_path):
+    """A later stage's best weights are saved even when an earlier stage logged a higher score."""
+    train, val = _data(synth_root)
+    method = _TwoStageUNet.build()
+    r = fit(method, train, val, tmp_path / "run", generator_seed=0, progress=False)
+    vals = [x for x in _records(tmp_path / "run") if x["type"] == "val"]
+    main_vals = [x for x in vals if x["stage"] == "main"]
+    assert main_vals and main_vals[0]["best"] is True  # the first main validation starts a fresh best
+    assert r.best_score == pytest.approx(max(x["val_dice"] for x in main_vals))
+    assert r.best_score < 100.0

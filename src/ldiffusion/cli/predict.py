@@ -29,6 +29,9 @@ def register(app: typer.Typer) -> None:
         uncertainty: bool = typer.Option(False, "--uncertainty/--no-uncertainty",
                                          help="Also write <id>_unc.png uncertainty maps."),
         save_prob: bool = typer.Option(False, "--save-prob", help="Also write <id>_prob.npy probabilities."),
+        set_: list[str] = typer.Option(None, "--set",
+                                       help="Inference-time config change key=value (repeatable), e.g. "
+                                            "ddim_steps=6 (LDSeg), n_samples=5, precision=fp32."),
         no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     ) -> None:
         """Predict class maps <id>.png and overlays <id>_overlay.png into OUT."""
@@ -38,7 +41,7 @@ def register(app: typer.Typer) -> None:
 
         if data is None and not images:
             raise InputError("nothing to predict: give --data DATASET [--split test] or image files/folders")
-        segmenter = load_segmenter(run, resolve_device(device))
+        segmenter = load_segmenter(run, resolve_device(device), overrides=list(set_ or []))
         ids = predict_folder(segmenter, out, images=images or None, data_root=data, split=split, tile_px=tile,
                              overlap_px=overlap, batch_size=batch_size, seed=seed, n_samples=samples,
                              save_prob=save_prob, save_uncertainty=uncertainty, progress=not no_progress)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import platform
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -31,9 +34,53 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise ConfigError(f"device={name!r} is not valid; choose one of ['auto', 'cpu', 'cuda', 'cuda:N', 'mps']")
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
+    """CPU feature flags from /proc/cpuinfo (empty where it cannot be read, e.g. not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls/convolutions in hardware.
+
+    CUDA: `torch.cuda.is_bf16_supported()` (Ampere and newer). CPU: the `avx512_bf16` or `amx_bf16`
+    flag (x86) or `bf16` (aarch64). Elsewhere False.
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        flags = _cpu_flags()
+        if platform.machine().lower() in ("aarch64", "arm64"):
+            return "bf16" in flags
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn a config `precision` ("auto" | "fp32" | "bf16" | "fp16") into the one used on `device`.
+
+    "auto" is "bf16" where the device has native bf16 arithmetic (`has_native_bf16`) and "fp32"
+    otherwise. On a 2-core AMD EPYC with avx512_bf16, bf16 autocast made a U-Net `small` training
+    step 2.3x and its inference 2.4x faster than fp32 (docs/benchmarks.md).
+    """
+    if precision == "auto":
+        return "bf16" if has_native_bf16(device) else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"precision={precision!r} is not valid; choose one of ['auto', 'bf16', 'fp16', 'fp32']")
+    return precision
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str = "fp32") -> Iterator[None]:
-    """Autocast context for "fp32" (no-op), "bf16" or "fp16"."""
+    """Autocast context for "fp32" (no-op), "bf16", "fp16" or "auto" (see `resolve_precision`)."""
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         yield
         return

@@ -83,11 +83,20 @@ def create_method(name: str, cfg: dict[str, Any] | MethodConfig | None = None, *
     return method
 
 
-def load_segmenter(directory: str | Path, device: str | torch.device = "cpu") -> Trainable:
+def load_segmenter(directory: str | Path, device: str | torch.device = "cpu",
+                   overrides: Sequence[str] = ()) -> Trainable:
     """Rebuild a trained method from a run folder (`config.json` + `model.safetensors`).
+
+    Args:
+        directory: run folder.
+        device: where to put the weights.
+        overrides: `key=value` inference-time config changes (e.g. LDSeg's `ddim_steps=11`,
+            `n_samples=5`, `precision=fp32`); a change that alters the weights' shapes fails with a
+            CheckpointError when the weights are loaded.
 
     Raises:
         CheckpointError: the folder or one of its files is missing or does not match.
+        ConfigError: an override names an unknown key or an invalid value.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -103,6 +112,11 @@ def load_segmenter(directory: str | Path, device: str | torch.device = "cpu") ->
         name = info["method"]
         cls = METHODS.get(name)
         cfg = cls.config_cls.from_dict(info["config"])
+    except (KeyError, ValueError, ConfigError) as e:
+        raise CheckpointError(f"{cfg_path}: cannot rebuild the method ({e})") from e
+    if overrides:
+        cfg = resolve_config(name, cfg, overrides=list(overrides))  # bad key/value -> ConfigError
+    try:
         method = cls(cfg, num_classes=int(info["num_classes"]), in_channels=int(info.get("in_channels", 3)),
                      class_names=info.get("class_names"))
     except (KeyError, ValueError, ConfigError) as e:
@@ -110,7 +124,11 @@ def load_segmenter(directory: str | Path, device: str | torch.device = "cpu") ->
     method.extra_info = {k: v for k, v in info.items()
                          if k not in ("method", "config", "num_classes", "class_names", "in_channels",
                                       "ldiffusion_version")}
-    method.load_inference_state_dict(load_weights(weights_path))
+    try:
+        method.load_inference_state_dict(load_weights(weights_path))
+    except RuntimeError as e:  # shape mismatch, e.g. an override that changes a network's size
+        raise CheckpointError(f"{weights_path}: weights do not fit the config"
+                              f"{' with ' + ', '.join(overrides) if overrides else ''}: {str(e)[:300]}") from e
     method.to(torch.device(device))
     if cfg.channels_last:
         method.to(memory_format=torch.channels_last)

@@ -56,7 +56,7 @@ from ldiffusion.core.config import check_range
 from ldiffusion.core.errors import ConfigError, InputError
 from ldiffusion.core.rng import make_generator
 from ldiffusion.diffusion.samplers.vp_posterior import VPPosterior
-from ldiffusion.methods.base import MethodConfig, OptimizerSpec, Segmenter, Stage
+from ldiffusion.methods.base import MethodConfig, OptimizerSpec, Segmenter, Stage, inference_autocast
 from ldiffusion.nets.cdal import CDALDiscriminator, CDALGenerator, cdal_preset
 
 logger = logging.getLogger(__name__)
@@ -216,10 +216,10 @@ class CDALMethod(Segmenter):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": _preset("tiny", T=2, batch_size=4, lr_g=2e-4, lr_d=1e-4, lazy_r1=2, steps=30, n_samples=2,
                         attn_scale=16, val_every=10, ckpt_every=10),
-        "small": _preset("small", T=2, batch_size=4, lr_g=2e-4, lr_d=1e-4, lazy_r1=10, steps=300, n_samples=5,
+        "small": _preset("small", precision="auto", T=2, batch_size=4, lr_g=2e-4, lr_d=1e-4, lazy_r1=10, steps=300, n_samples=5,
                          attn_scale=32, val_every=100, ckpt_every=100),
         # MoNuSeg column: 12000 epochs x 7 iterations; the cosine LR decay of the code is not applied.
-        "paper": _preset("paper", T=4, batch_size=4, lr_g=2e-4, lr_d=1e-4, lazy_r1=10, steps=84000,
+        "paper": _preset("paper", precision="auto", T=4, batch_size=4, lr_g=2e-4, lr_d=1e-4, lazy_r1=10, steps=84000,
                          n_samples=5, attn_scale=32, val_every=700, ckpt_every=700),
     }
 
@@ -527,6 +527,7 @@ class CDALMethod(Segmenter):
         agree = (votes == final.unsqueeze(0)).float().mean(0)
         return self._to_class_probs(p), final, 1.0 - agree
 
+    @inference_autocast
     def predict_proba(self, images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """Return class probabilities (B, K, H, W) averaged over ``n_samples`` chains.
 
@@ -536,10 +537,12 @@ class CDALMethod(Segmenter):
         """
         return self._predict_all(images, generator, None)[0]
 
+    @inference_autocast
     def predict(self, images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """Return class maps (B, H, W) int64 with the configured ``decision`` rule."""
         return self._predict_all(images, generator, None)[1]
 
+    @inference_autocast
     def predict_with_uncertainty(self, images: Tensor, *, generator: torch.Generator | None = None,
                                  n_samples: int | None = None) -> tuple[Tensor, Tensor]:
         """Return (probs (B, K, H, W), vote spread (B, H, W) in [0, 1 - 1/S]).

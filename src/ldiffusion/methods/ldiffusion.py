@@ -54,7 +54,7 @@ from ldiffusion.diffusion.schedules import (
 from ldiffusion.diffusion.timesteps import training_timesteps
 from ldiffusion.losses.contrastive import info_nce_loss, sample_pixel_vectors, standardize_features
 from ldiffusion.losses.dice import soft_dice_loss
-from ldiffusion.methods.base import MethodConfig, OptimizerSpec, Segmenter, Stage
+from ldiffusion.methods.base import MethodConfig, OptimizerSpec, Segmenter, Stage, inference_autocast
 from ldiffusion.methods.ldiffusion_features import feature_stack, feature_timesteps, generators_for
 
 logger = logging.getLogger(__name__)
@@ -239,6 +239,7 @@ _TINY: dict[str, Any] = {
     "ckpt_every": 50,
 }
 _SMALL: dict[str, Any] = {
+    "precision": "auto",
     "crop_px": 128,
     "batch_size": 8,
     "lr": 1e-3,
@@ -264,6 +265,7 @@ _SMALL: dict[str, Any] = {
     "ckpt_every": 100,
 }
 _PAPER: dict[str, Any] = {
+    "precision": "auto",
     "crop_px": 512,
     "batch_size": 32,
     "lr": 1e-3,
@@ -704,6 +706,7 @@ class LDiffusionMethod(Segmenter):
                 probs.append(torch.softmax(self.segment(feats, images).float(), dim=1))
         return probs
 
+    @inference_autocast
     def predict_proba(
         self, images: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:
@@ -715,6 +718,7 @@ class LDiffusionMethod(Segmenter):
         """
         return torch.stack(self._sample_probs(images, generator, self.cfg.n_samples)).mean(0)
 
+    @inference_autocast
     def predict_with_uncertainty(
         self, images: torch.Tensor, *, generator: torch.Generator | None = None, n_samples: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from ldiffusion.core.config import check_range
 from ldiffusion.core.errors import ConfigError, InputError
 from ldiffusion.core.rng import derive_seed, make_generator
-from ldiffusion.methods.base import MethodConfig, Segmenter
+from ldiffusion.methods.base import MethodConfig, Segmenter, inference_autocast
 from ldiffusion.nets.ldseg import LDSEG_SIZE_DIVISOR, build_ldseg_nets, check_ldseg_input, ldseg_preset
 
 logger = logging.getLogger(__name__)
@@ -281,10 +281,10 @@ class LDSegSegmenter(Segmenter):
         "tiny": {"arch": "tiny", "crop_px": 64, "batch_size": 4, "lr": 1e-3, "steps": 3, "val_every": 0,
                  "ckpt_every": 50, "ema": None, "dropout": 0.0, "uncertainty_samples": 4, "flips": True,
                  "rot90": False, "grad_clip": None},
-        "small": {"arch": "small", "crop_px": 256, "batch_size": 4, "lr": 1e-3, "steps": 660, "epochs": 30,
+        "small": {"precision": "auto", "arch": "small", "crop_px": 256, "batch_size": 4, "lr": 1e-3, "steps": 660, "epochs": 30,
                   "val_every": 66, "ckpt_every": 66, "ema": 0.99, "dropout": 0.2, "uncertainty_samples": 10,
                   "flips": True, "rot90": False, "grad_clip": None},
-        "paper": {"arch": "paper", "crop_px": 512, "batch_size": 4, "lr": 1e-3, "steps": 53000, "epochs": 2500,
+        "paper": {"precision": "auto", "arch": "paper", "crop_px": 512, "batch_size": 4, "lr": 1e-3, "steps": 53000, "epochs": 2500,
                   "val_every": 2120, "ckpt_every": 2120, "ema": 0.999, "dropout": 0.2,
                   "uncertainty_samples": 100, "flips": True, "rot90": False, "grad_clip": None},
     }
@@ -480,6 +480,7 @@ class LDSegSegmenter(Segmenter):
             soft_sum.index_add_(0, idx, probs)
         return onehot_sum / n_samples, soft_sum / n_samples
 
+    @inference_autocast
     def predict_proba(self, images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """Return (B, K, H, W) probabilities: the mean over `n_samples` runs of one-hot masks (paper) or of
         softmax maps (`mean_map="softmax"`).
@@ -491,6 +492,7 @@ class LDSegSegmenter(Segmenter):
         onehot, soft = self._runs(images, generator, self.lcfg.n_samples)
         return onehot if self.lcfg.mean_map == "onehot" else soft
 
+    @inference_autocast
     def predict_with_uncertainty(self, images: Tensor, *, generator: torch.Generator | None = None,
                                  n_samples: int | None = None) -> tuple[Tensor, Tensor]:
         """Return (mean of one-hot masks (B, K, H, W), uncertainty (B, H, W)) over S runs.

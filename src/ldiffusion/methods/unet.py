@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ldiffusion.core.config import check_range
 from ldiffusion.losses.dice import soft_dice_loss
-from ldiffusion.methods.base import MethodConfig, Segmenter
+from ldiffusion.methods.base import MethodConfig, Segmenter, inference_autocast
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,9 +45,9 @@ class UNetMethod(Segmenter):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"base": 8, "depth": 3, "crop_px": 64, "batch_size": 4, "lr": 3e-3, "steps": 60,
                  "val_every": 20, "ckpt_every": 20},
-        "small": {"base": 32, "depth": 4, "crop_px": 256, "batch_size": 8, "lr": 1e-3, "steps": 2000,
+        "small": {"precision": "auto", "base": 32, "depth": 4, "crop_px": 256, "batch_size": 8, "lr": 1e-3, "steps": 2000,
                   "val_every": 200, "ckpt_every": 200},
-        "paper": {"base": 64, "depth": 5, "crop_px": 512, "batch_size": 16, "lr": 1e-3, "steps": 20000,
+        "paper": {"precision": "auto", "base": 64, "depth": 5, "crop_px": 512, "batch_size": 16, "lr": 1e-3, "steps": 20000,
                   "val_every": 1000, "ckpt_every": 1000},
     }
 
@@ -79,6 +79,7 @@ class UNetMethod(Segmenter):
         loss = cfg.ce_weight * ce + cfg.dice_weight * dice
         return {"model": loss, "log/ce": ce.detach(), "log/dice": dice.detach()}
 
+    @inference_autocast
     def predict_proba(self, images: torch.Tensor, *,
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Return softmax probabilities (B, K, H, W); deterministic (ignores `generator`)."""

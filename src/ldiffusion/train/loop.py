@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ldiffusion.core.device import autocast
+from ldiffusion.core.device import autocast, resolve_precision
 from ldiffusion.core.errors import CheckpointError, ConfigError
 from ldiffusion.core.io import load_weights, read_json, write_json
 from ldiffusion.core.rng import derive_seed, make_generator, rng_state, set_rng_state, worker_init_fn
@@ -169,6 +169,7 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
     if cfg.channels_last:
         method.to(memory_format=torch.channels_last)
     resolved = {**method.run_info(), "seed": generator_seed, "device": str(device),
+                "precision": resolve_precision(cfg.precision, device),
                 "n_train": len(train_ds), "n_val": len(val_ds) if val_ds is not None else 0,  # type: ignore[arg-type]
                 "stages": [{"name": s.name, "steps": s.steps, "epochs": s.epochs, "batch_size": s.batch_size,
                             "selects_on_val": s.selects_on_val, "uses_unannotated": s.uses_unannotated,
@@ -215,6 +216,8 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
             if si > st.stage_index:  # fresh stage
                 st = TrainState(stage_index=si)
             st.stage_name = stage.name
+            if st.step == 0:  # each stage selects on its own score; the previous stage's is not comparable
+                st.best_score, st.best_step = None, None
             indices = list(range(len(train_ds))) if stage.uses_unannotated else _annotated_indices(train_ds)  # type: ignore[arg-type]
             if not indices:
                 raise ConfigError(f"stage {stage.name!r} needs annotated training images, but none of the "

@@ -65,11 +65,15 @@ class DatasetSpec:
     eval_flags: tuple[str, ...]
     parts: tuple[str, ...] = ("test",)  # splits/parts scored from the one test prediction
     note: str = ""
+    #: further scorings of the test prediction: (label, split, extra evaluate flags)
+    extra: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "monuseg": DatasetSpec("monuseg", "monuseg", ("--foreground-only", "--instances"),
-                           note="nucleus Dice + AJI/PQ from connected components of the class map"),
+                           note="nucleus Dice + AJI/PQ from connected components of the class map; "
+                                "row 'test-watershed': instances split by a distance-transform watershed",
+                           extra=(("test-watershed", "test", ("--watershed",)),)),
     "consep": DatasetSpec("consep-tiles", "consep_tiles", ("--foreground-only",),
                           note="4 nucleus classes, foreground only; no instance maps in this copy"),
     "glas": DatasetSpec("glas", "glas", ("--foreground-only",), ("test", "testA", "testB"),
@@ -100,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override key=value for every method, or method:key=value (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of training, prediction and data splits")
+    p.add_argument("--annotated-fraction", type=float, default=None,
+                   help="train --annotated-fraction (share of training images that keep their labels)")
     p.add_argument("--tag", default="", help="suffix of the run folder names (e.g. an ablation: noise-gaussian)")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP/torch threads of every command (default: torch's choice)")
@@ -312,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         budget.append(f"at most {args.max_minutes:g} min per stage")
     res: dict[str, Any] = {
         "schema": 1, "date": date, "machine": machine, "device": args.device, "preset": args.preset,
-        "seed": args.seed, "tag": args.tag, "threads": args.threads, "overrides": args.overrides,
+        "seed": args.seed, "tag": args.tag, "annotated_fraction": args.annotated_fraction, "threads": args.threads, "overrides": args.overrides,
         "budget": ", ".join(budget) or "the preset's step counts",
         "ldiffusion": ldiffusion.__version__, "torch": torch.__version__, "python": platform.python_version(),
         "git_commit": _git_commit(), "command": "python benchmarks/accuracy.py " +
@@ -348,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                        "--preset", args.preset, "--seed", str(args.seed), "--device", args.device]
                 if args.max_minutes is not None:
                     cmd += ["--max-minutes", f"{args.max_minutes:g}"]
+                if args.annotated_fraction is not None:
+                    cmd += ["--annotated-fraction", f"{args.annotated_fraction:g}"]
                 for s in sets:
                     cmd += ["--set", s]
                 if (args.resume or args.reuse_runs) and (out_run / "train_state.pt").is_file():
@@ -362,29 +370,37 @@ def main(argv: list[str] | None = None) -> int:
                     continue
             entry["val_score"] = _best_val(out_run)
             pred = out_run / "pred-test"
-            cmd = ["predict", str(out_run), "--data", str(data), "--split", "test", "--out", str(pred),
-                   "--seed", str(args.seed), "--device", args.device, "--no-progress"]
-            if args.batch_size is not None:
-                cmd += ["--batch-size", str(args.batch_size)]
-            rec = run(cmd)
-            entry["commands"].append(rec)
-            entry["predict_s"] = rec.get("wall_s")
-            if rec.get("error"):
-                failed = True
-                entry["error"] = f"predict failed: {rec['error']}"
-                continue
+            if args.reuse_runs and _predicted(pred, data):
+                print(f"# reusing the predictions in {pred} (--reuse-runs)", flush=True)
+            else:
+                cmd = ["predict", str(out_run), "--data", str(data), "--split", "test", "--out", str(pred),
+                       "--seed", str(args.seed), "--device", args.device, "--no-progress"]
+                if args.batch_size is not None:
+                    cmd += ["--batch-size", str(args.batch_size)]
+                rec = run(cmd)
+                entry["commands"].append(rec)
+                entry["predict_s"] = rec.get("wall_s")
+                if rec.get("error"):
+                    failed = True
+                    entry["error"] = f"predict failed: {rec['error']}"
+                    continue
+                if not args.dry_run:
+                    _write(pred / "predict_time.json", json.dumps({"wall_s": rec.get("wall_s")}) + "\n")
+            if entry.get("predict_s") is None and (pred / "predict_time.json").is_file():
+                entry["predict_s"] = json.loads((pred / "predict_time.json").read_text()).get("wall_s")
             entry["scores"] = {}
-            for part in spec.parts:
-                metrics_path = out_run / f"metrics-{part}.json"
+            scorings = [(part, part, ()) for part in spec.parts] + list(spec.extra)
+            for label, part, extra_flags in scorings:
+                metrics_path = out_run / f"metrics-{label}.json"
                 rec = run(["evaluate", "--pred", str(pred), "--data", str(data), "--split", part,
-                           "--out", str(metrics_path), *spec.eval_flags, "--no-progress"])
+                           "--out", str(metrics_path), *spec.eval_flags, *extra_flags, "--no-progress"])
                 entry["commands"].append(rec)
                 if rec.get("error"):
                     failed = True
-                    entry["scores"][part] = {"error": rec["error"]}
+                    entry["scores"][label] = {"error": rec["error"]}
                 elif not args.dry_run:
                     full = json.loads(metrics_path.read_text())
-                    entry["scores"][part] = headline(full)
+                    entry["scores"][label] = headline(full)
     res["run_time_s"] = round(time.perf_counter() - t0, 1)
     if args.dry_run:
         print(f"# dry run: {len(run.log)} commands; nothing was run or written", flush=True)
@@ -395,6 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(res))
     print(f"wrote {out} and {md} ({res['run_time_s']:.0f} s)")
     return 1 if failed else 0
+
+
+def _predicted(pred: Path, data: Path) -> bool:
+    """True when `pred` holds a class map for every test id of `data` (a finished `ldiffusion predict`)."""
+    if not pred.is_dir() or not (pred / "predict_time.json").is_file():
+        return False
+    ids = json.loads((data / "dataset.json").read_text())["splits"].get("test", [])
+    return bool(ids) and all((pred / f"{i}.png").is_file() for i in ids)
 
 
 def _finished(run: Path) -> bool:

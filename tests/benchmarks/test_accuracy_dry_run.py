@@ -23,8 +23,9 @@ def test_dry_run_prints_the_user_commands(tmp_path):
                 "--shared-data", "/nonexistent/shared", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     cmds = [x[2:] for x in proc.stdout.splitlines() if x.startswith("$ ")]
-    # per data set: prepare; per method: train, predict, evaluate (GlaS: test, testA, testB)
-    assert len(cmds) == (1 + 2 * 3) + (1 + 2 * 5)
+    # per data set: prepare; per method: train, predict, evaluate (MoNuSeg: test and test with watershed
+    # instances; GlaS: test, testA, testB)
+    assert len(cmds) == (1 + 2 * 4) + (1 + 2 * 5)
     prepared = tmp_path / "cache" / "monuseg"
     src = "/nonexistent/shared/monuseg"
     assert cmds[0] == f"ldiffusion data prepare monuseg {src} {prepared} --seed 0 --no-progress"
@@ -35,6 +36,7 @@ def test_dry_run_prints_the_user_commands(tmp_path):
         assert f"--set {key}" in train_ld
     evals = [c for c in cmds if c.startswith("ldiffusion evaluate")]
     assert all("--foreground-only --instances" in c for c in evals if "monuseg" in c)
+    assert sum("--watershed" in c for c in evals if "monuseg" in c) == 2
     assert [c.split("--split ")[1].split()[0] for c in evals if "glas" in c] == ["test", "testA", "testB"] * 2
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
 
@@ -61,5 +63,8 @@ def test_tiny_real_run_and_reuse(synth_root, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "# reusing" in proc.stdout
     (entry2,) = json.loads((tmp_path / "res2.json").read_text())["results"]
-    assert [c["command"].split()[1] for c in entry2["commands"]] == ["predict", "evaluate"]
+    # finished runs and complete prediction folders are reused: only scoring runs again
+    assert [c["command"].split()[1] for c in entry2["commands"]] == ["evaluate"]
+    assert "# reusing the predictions" in proc.stdout
     assert entry2["scores"]["test"]["dice"] == scores["dice"]
+    assert entry2["predict_s"] == entry["predict_s"]

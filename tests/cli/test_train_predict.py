@@ -34,6 +34,18 @@ def test_train_then_predict(synth_root, tmp_path, capsys):
     img = synth_root / "images" / f"{test_ids[0]}.png"
     assert main(["predict", str(run), str(img), "--out", str(tmp_path / "p2"), "--no-progress"]) == 0
     assert (tmp_path / "p2" / f"{test_ids[0]}.png").is_file()
+    # inference-time config changes: a valid one runs, an unknown key and a shape change exit 2
+    assert main(["predict", str(run), str(img), "--out", str(tmp_path / "p3"), "--set", "precision=bf16",
+                 "--no-progress"]) == 0
+    assert (tmp_path / "p3" / f"{test_ids[0]}.png").is_file()
+    capsys.readouterr()
+    assert main(["predict", str(run), str(img), "--out", str(tmp_path / "p4"), "--set", "ddim_stepz=3",
+                 "--no-progress"]) == 2
+    assert "ddim_stepz" in capsys.readouterr().err
+    assert main(["predict", str(run), str(img), "--out", str(tmp_path / "p5"), "--set", "base=8",
+                 "--no-progress"]) == 2
+    assert "do not fit" in capsys.readouterr().err
+    assert not (tmp_path / "p5" / f"{test_ids[0]}.png").exists()
 
 
 def test_error_paths_exit_2(synth_root, tmp_path, capsys):

@@ -21,7 +21,7 @@ def test_resolve_precision_auto_follows_the_hardware(monkeypatch: pytest.MonkeyP
 
 
 def test_resolve_precision_rejects_unknown_names() -> None:
-    with pytest.raises(ConfigError, match="precision='fp8'.*auto"):
+    with pytest.raises(ConfigError, match=r"precision='fp8'.*auto"):
         dev.resolve_precision("fp8", torch.device("cpu"))
 
 

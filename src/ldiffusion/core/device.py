@@ -34,7 +34,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise ConfigError(f"device={name!r} is not valid; choose one of ['auto', 'cpu', 'cuda', 'cuda:N', 'mps']")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_flags() -> frozenset[str]:
     """CPU feature flags from /proc/cpuinfo (empty where it cannot be read, e.g. not Linux)."""
     try:

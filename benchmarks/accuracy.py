@@ -72,8 +72,9 @@ class DatasetSpec:
 DATASETS: dict[str, DatasetSpec] = {
     "monuseg": DatasetSpec("monuseg", "monuseg", ("--foreground-only", "--instances"),
                            note="nucleus Dice + AJI/PQ from connected components of the class map; "
-                                "row 'test-watershed': instances split by a distance-transform watershed",
-                           extra=(("test-watershed", "test", ("--watershed",)),)),
+                                "row 'test-watershed': instances split by a distance-transform watershed "
+                                "with markers >= 9 px apart (chosen on the validation images)",
+                           extra=(("test-watershed", "test", ("--watershed", "--min-distance", "9")),)),
     "consep": DatasetSpec("consep-tiles", "consep_tiles", ("--foreground-only",),
                           note="4 nucleus classes, foreground only; no instance maps in this copy"),
     "glas": DatasetSpec("glas", "glas", ("--foreground-only",), ("test", "testA", "testB"),

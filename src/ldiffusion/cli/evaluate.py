@@ -31,6 +31,9 @@ def register(app: typer.Typer) -> None:
         min_size: int = typer.Option(10, "--min-size",
                                      help="Drop objects smaller than this (px) when extracting instances "
                                           "from class maps."),
+        min_distance: int = typer.Option(3, "--min-distance",
+                                         help="With --watershed: minimal distance (px) between the markers "
+                                              "(distance-transform maxima); larger values split less."),
         progress: bool = PROGRESS,
     ) -> None:
         """Score predictions: Dice, mIoU, MPA, FwIoU (+ AJI/PQ with --instances, GlaS object metrics).
@@ -43,7 +46,7 @@ def register(app: typer.Typer) -> None:
 
         result = evaluate_folder(pred, data, split=split, foreground_only=foreground_only,
                                  instances=instances, watershed=watershed, min_size=min_size,
-                                 progress=progress)
+                                 min_distance=min_distance, progress=progress)
         write_json(out, result)
         print(format_table(result))
         print(f"wrote {out}")

@@ -65,7 +65,7 @@ def _clean(x: Any) -> Any:
 def evaluate_folder(pred_dir: str | os.PathLike[str], data_root: str | os.PathLike[str],
                     split: str = "test", foreground_only: bool = False, instances: bool = False,
                     watershed: bool = False, gland: bool | None = None, min_size: int = 10,
-                    progress: bool = True) -> dict[str, Any]:
+                    progress: bool = True, min_distance: int = 3) -> dict[str, Any]:
     """Score predictions against the labels of one split of a prepared data set.
 
     Args:
@@ -79,6 +79,7 @@ def evaluate_folder(pred_dir: str | os.PathLike[str], data_root: str | os.PathLi
         min_size: objects smaller than this (px) are dropped when extracting instances from class
             maps (not applied to `<id>_inst.png` files).
         progress: show a progress bar on stderr.
+        min_distance: minimal distance (px) between watershed markers (with `watershed`).
 
     Returns:
         {"dataset", "split", "n_images", "convention", "semantic": {dice, miou, mpa, fwiou, ...,
@@ -135,7 +136,7 @@ def evaluate_folder(pred_dir: str | os.PathLike[str], data_root: str | os.PathLi
                 pred_inst = _read_pred(p_path, truth.shape, truth_path)
             else:
                 pred_inst = instances_from_semantic(pred, watershed=watershed, min_size=min_size,
-                                                    ignore_index=ign)
+                                                    ignore_index=ign, min_distance=min_distance)
             ignored = truth == ign
             if ignored.any():
                 true_inst = np.where(ignored, 0, true_inst)
@@ -159,7 +160,7 @@ def evaluate_folder(pred_dir: str | os.PathLike[str], data_root: str | os.PathLi
     if pq_acc is not None:
         result["instance"] = {**pq_acc.result(), "n_images_without_truth_instances": len(skipped_inst),
                               "source": "<id>_inst.png where present, else connected components of the "
-                                        f"class map{' + watershed' if watershed else ''} "
+                                        f"class map{f' + watershed (markers >= {min_distance} px apart)' if watershed else ''} "
                                         f"(objects < {min_size} px dropped)"}
     if gland_acc is not None:
         result["gland"] = gland_acc.result()

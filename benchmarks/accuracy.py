@@ -369,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
                     failed = True
                     entry["error"] = f"train failed: {rec['error']}"
                     continue
+                if not args.dry_run:
+                    _write(out_run / "train_time.json", json.dumps({"wall_s": rec.get("wall_s")}) + "\n")
+            if entry.get("train_s") is None and not args.dry_run:
+                entry["train_s"] = _train_seconds(out_run)
             entry["val_score"] = _best_val(out_run)
             pred = out_run / "pred-test"
             if args.reuse_runs and _predicted(pred, data):
@@ -412,6 +416,22 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(res))
     print(f"wrote {out} and {md} ({res['run_time_s']:.0f} s)")
     return 1 if failed else 0
+
+
+def _train_seconds(run: Path) -> float | None:
+    """Training wall time of a finished run: `train_time.json` (the `train` command), else the fit time logged."""
+    if (run / "train_time.json").is_file():
+        return json.loads((run / "train_time.json").read_text()).get("wall_s")
+    last = None
+    if (run / "metrics.jsonl").is_file():
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("type") == "stage_end":
+                last = rec.get("elapsed_s")
+    return last
 
 
 def _predicted(pred: Path, data: Path) -> bool:

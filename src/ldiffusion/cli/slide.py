@@ -119,7 +119,7 @@ def suggest(
     coords: str = typer.Option(
         "qupath", "--coords", help="GeoJSON frame: qupath (minus slide bounds offset) or level0."
     ),
-    class_name: str = typer.Option("Suggested", "--class-name", help="QuPath class of the rectangles."),
+    class_name: str = typer.Option("To annotate", "--class-name", help="QuPath class of the rectangles."),
     device: str = DEVICE,
     seed: int = SEED,
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),

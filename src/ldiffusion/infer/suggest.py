@@ -5,7 +5,7 @@
 (greedy non-maximum suppression: tiles in descending score order, a tile is kept when its centre
 is at least `min_spacing_px` level-0 pixels from every tile kept so far; ties go to the earlier
 tile in row-major order). `write_suggestions` writes them as QuPath GeoJSON annotation rectangles
-(classification "Suggested", properties `score` and `rank`, also as QuPath measurements), which
+(classification "To annotate", properties `score` and `rank`, also as QuPath measurements), which
 QuPath opens with *File > Import objects*.
 
 Scores (higher = more uncertain = more useful to annotate):
@@ -48,7 +48,7 @@ from ldiffusion.infer.tissue import detect_tissue, select_tiles
 
 logger = logging.getLogger(__name__)
 
-SUGGESTED_CLASS = "Suggested"
+SUGGESTED_CLASS = "To annotate"
 SUGGESTED_COLOR = (255, 200, 0)
 
 

@@ -162,7 +162,7 @@ def test_config_errors_and_presets():
         with pytest.raises(ConfigError):
             LDiffusionConfig.from_dict({**LDiffusionMethod.presets["tiny"], **bad})
     small = LDiffusionConfig.from_dict(dict(LDiffusionMethod.presets["small"]))
-    assert (small.steps, small.t_start, small.crt_k, small.train_timesteps) == (5, 500, 32, 1000)
+    assert (small.steps, small.t_start, small.crt_k, small.train_timesteps) == (5, 200, 32, 1000)
     assert (
         LDiffusionMethod.presets["paper"]["steps"] == 10 and LDiffusionMethod.presets["paper"]["crt_k"] == 100
     )

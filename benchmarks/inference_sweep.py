@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import Runner, _git_commit, _pct, _write, headline  # noqa: E402
+from accuracy import Runner, _git_commit, _pct, _write, headline
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,5 +22,5 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(CheckpointError, match="run folder not found"):
         load_segmenter(tmp_path / "nope")
     (tmp_path / "r").mkdir()
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointError, match=r"config\.json"):
         load_segmenter(tmp_path / "r")

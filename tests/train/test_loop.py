@@ -71,7 +71,7 @@ def test_keyboard_interrupt_checkpoints_and_resumes(synth_root, tmp_path):
 
 
 def test_same_seed_same_weights_and_different_seed_differs(synth_root, tmp_path):
-    train, val = _data(synth_root)
+    train, _ = _data(synth_root)
     a, b, c = _method(), _method(), _method()
     for m, d, s in ((a, "a", 0), (b, "b", 0), (c, "c", 5)):
         fit(m, train, None, tmp_path / d, generator_seed=s, progress=False)

@@ -67,7 +67,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         elif origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"{key}={value!r} should have {len(args)} items")
-            items = [_coerce(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
+            items = [_coerce(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))]
         else:
             sub = args[0] if args else Any
             items = [_coerce(v, sub, f"{key}[{i}]") for i, v in enumerate(value)]

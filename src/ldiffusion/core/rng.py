@@ -16,7 +16,7 @@ import torch
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch global RNGs (CLI/scripts only; library code uses generators)."""
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (global state, for third-party code)
     torch.manual_seed(seed)
 
 
@@ -42,7 +42,7 @@ def spawn(generator: torch.Generator, n: int) -> list[torch.Generator]:
 def worker_init_fn(worker_id: int) -> None:
     """Seed NumPy and `random` in a DataLoader worker from torch's per-worker seed."""
     seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (per-worker global state)
     random.seed(seed)
 
 
@@ -50,7 +50,7 @@ def rng_state() -> dict[str, Any]:
     """Capture global RNG states (for `train_state.pt`)."""
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": np.random.get_state(),  # noqa: NPY002
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -61,7 +61,7 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore global RNG states captured by `rng_state`."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

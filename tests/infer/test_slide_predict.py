@@ -299,3 +299,60 @@ def test_real_segmenter_interface(tmp_path):
     assert levels[0].shape == (200, 260) and levels[0].max() < 3
     fc = json.loads((tmp_path / "real" / "annotations.geojson").read_text())
     assert {f["properties"]["classification"]["name"] for f in fc["features"]} <= {"nuc", "other"}
+
+
+_KILLED_CHILD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from tests.infer.test_slide_predict import FAST, PositionModel
+from ldiffusion.infer.slide_predict import predict_slide
+
+fast_predict = PositionModel.predict_proba
+
+def slow_predict(self, images, *, generator=None):
+    time.sleep(0.5)  # leaves the parent time to kill the process between and during batches
+    return fast_predict(self, images, generator=generator)
+
+PositionModel.predict_proba = slow_predict  # same class name: the resume checks the model's identity
+predict_slide(PositionModel(noise=True), {slide!r}, {out!r},
+              **{{**FAST, "formats": "ome-tiff,geojson,png", "seed": 3}})
+"""
+
+
+def test_sigkill_mid_run_then_resume_is_byte_identical(slide_path, tmp_path):
+    """A real `kill -9` of the predicting process (no exception handler runs), then `resume=True`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    kw = {**FAST, "formats": "ome-tiff,geojson,png", "seed": 3}
+    predict_slide(PositionModel(noise=True), slide_path, tmp_path / "ref", **kw)
+    repo = str(Path(__file__).resolve().parents[2])
+    code = _KILLED_CHILD.format(repo=repo, slide=str(slide_path), out=str(tmp_path / "run"))
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=repo)
+    state_file = tmp_path / "run" / "synthetic" / ".work" / "state.json"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and child.poll() is None:
+            if state_file.is_file() and json.loads(state_file.read_text() or "{}").get("batches_done", 0) >= 3:
+                break
+            time.sleep(0.05)
+        assert child.poll() is None, "the child finished or failed before it could be killed"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    assert not (tmp_path / "run" / "synthetic" / "done.json").exists()
+    done_before = json.loads(state_file.read_text())["batches_done"]
+    assert 3 <= done_before < 11
+
+    model = PositionModel(noise=True)
+    predict_slide(model, slide_path, tmp_path / "run", **{**kw, "resume": True})
+    assert model.calls <= 11 - 3
+    for name in ("labels.ome.tif", "annotations.geojson", "overlay.png", "stats.json", "done.json"):
+        assert (tmp_path / "run" / "synthetic" / name).read_bytes() == (
+            tmp_path / "ref" / "synthetic" / name
+        ).read_bytes(), name

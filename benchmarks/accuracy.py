@@ -107,7 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of training, prediction and data splits")
     p.add_argument("--annotated-fraction", type=float, default=None,
                    help="train --annotated-fraction (share of training images that keep their labels)")
-    p.add_argument("--tag", default="", help="suffix of the run folder names (e.g. an ablation: noise-gaussian)")
+    p.add_argument(
+        "--tag", default="", help="suffix of the run folder names (e.g. an ablation: noise-gaussian)"
+    )
     p.add_argument("--threads", type=int, default=None,
                    help="OMP/torch threads of every command (default: torch's choice)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -318,12 +320,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_minutes is not None:
         budget.append(f"at most {args.max_minutes:g} min per stage")
     res: dict[str, Any] = {
-        "schema": 1, "date": date, "machine": machine, "device": args.device, "preset": args.preset,
-        "seed": args.seed, "tag": args.tag, "annotated_fraction": args.annotated_fraction, "threads": args.threads, "overrides": args.overrides,
+        "schema": 1,
+        "date": date,
+        "machine": machine,
+        "device": args.device,
+        "preset": args.preset,
+        "seed": args.seed,
+        "tag": args.tag,
+        "annotated_fraction": args.annotated_fraction,
+        "threads": args.threads,
+        "overrides": args.overrides,
         "budget": ", ".join(budget) or "the preset's step counts",
-        "ldiffusion": ldiffusion.__version__, "torch": torch.__version__, "python": platform.python_version(),
-        "git_commit": _git_commit(), "command": "python benchmarks/accuracy.py " +
-        shlex.join(sys.argv[1:] if argv is None else argv), "conventions": {}, "results": [],
+        "ldiffusion": ldiffusion.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "command": "python benchmarks/accuracy.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "conventions": {},
+        "results": [],
     }
     failed = False
     for ds in args.datasets:
@@ -419,7 +433,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train_seconds(run: Path) -> float | None:
-    """Training wall time of a finished run: `train_time.json` (the `train` command), else the fit time logged."""
+    """Training wall time of a finished run.
+
+    From `train_time.json` (written by the `train` command), else the fit time logged.
+    """
     if (run / "train_time.json").is_file():
         return json.loads((run / "train_time.json").read_text()).get("wall_s")
     last = None

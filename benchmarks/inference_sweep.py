@@ -75,17 +75,32 @@ def main(argv: list[str] | None = None) -> int:
         row["scores"] = headline(json.loads(metrics.read_text()))
         n_images = row["scores"].get("n_images")
         row["images_per_s"] = round(n_images / wall, 4) if n_images else None
-    res = {"date": datetime.date.today().isoformat(), "run": str(args.run), "data": str(args.data),
-           "split": args.split, "key": args.key, "git_commit": _git_commit(),
-           "command": "python benchmarks/inference_sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-           "rows": rows}
-    lines = [f"# Inference sweep over `{args.key}`", "", f"- run `{args.run}`, {args.split} split of `{args.data}`",
-             f"- command: `{res['command']}`", "",
-             f"| {args.key} | Dice % | mIoU % | AJI % | PQ % | predict s | images/s |", "|---|---|---|---|---|---|---|"]
+    res = {
+        "date": datetime.date.today().isoformat(),
+        "run": str(args.run),
+        "data": str(args.data),
+        "split": args.split,
+        "key": args.key,
+        "git_commit": _git_commit(),
+        "command": "python benchmarks/inference_sweep.py "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
+        "rows": rows,
+    }
+    lines = [
+        f"# Inference sweep over `{args.key}`",
+        "",
+        f"- run `{args.run}`, {args.split} split of `{args.data}`",
+        f"- command: `{res['command']}`",
+        "",
+        f"| {args.key} | Dice % | mIoU % | AJI % | PQ % | predict s | images/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         m = r.get("scores", {})
-        lines.append(f"| {r['value']} | {_pct(m.get('dice'))} | {_pct(m.get('miou'))} | {_pct(m.get('aji'))} | "
-                     f"{_pct(m.get('pq'))} | {r['predict_s']} | {r.get('images_per_s', '-')} |")
+        lines.append(
+            f"| {r['value']} | {_pct(m.get('dice'))} | {_pct(m.get('miou'))} | {_pct(m.get('aji'))} | "
+            f"{_pct(m.get('pq'))} | {r['predict_s']} | {r.get('images_per_s', '-')} |"
+        )
     md = "\n".join(lines) + "\n"
     _write(args.out, json.dumps(res, indent=1) + "\n")
     _write(args.out.with_suffix(".md"), md)

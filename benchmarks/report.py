@@ -18,7 +18,12 @@ from typing import Any
 
 COLUMNS: dict[str, list[tuple[str, str]]] = {
     "monuseg": [("dice", "Dice"), ("miou", "IoU"), ("aji", "AJI"), ("pq", "PQ"), ("dq", "DQ"), ("sq", "SQ")],
-    "glas": [("dice", "Dice"), ("obj_f1", "obj F1"), ("obj_dice", "obj Dice"), ("obj_hausdorff", "obj Hausdorff px")],
+    "glas": [
+        ("dice", "Dice"),
+        ("obj_f1", "obj F1"),
+        ("obj_dice", "obj Dice"),
+        ("obj_hausdorff", "obj Hausdorff px"),
+    ],
     "default": [("dice", "DICE"), ("mpa", "MPA"), ("miou", "mIoU"), ("fwiou", "FwIoU")],
 }
 
@@ -50,14 +55,20 @@ def markdown(table: dict[str, list[dict[str, Any]]]) -> str:
     lines: list[str] = []
     for ds, items in table.items():
         cols = COLUMNS.get(ds, COLUMNS["default"])
-        lines += [f"### {ds}", "", "| method | scored on | " + " | ".join(f"{c} %" if k != "obj_hausdorff" else c
-                                                                     for k, c in cols)
-                  + " | val score | train min | predict min | file |",
-                  "|" + "---|" * (len(cols) + 6)]
+        lines += [
+            f"### {ds}",
+            "",
+            "| method | scored on | "
+            + " | ".join(f"{c} %" if k != "obj_hausdorff" else c for k, c in cols)
+            + " | val score | train min | predict min | file |",
+            "|" + "---|" * (len(cols) + 6),
+        ]
         for it in items:
             m = it["metrics"]
             if "error" in m:
-                lines.append(f"| {it['method']} | {it['scoring']} | error: {m['error']} |" + " |" * (len(cols) + 3))
+                lines.append(
+                    f"| {it['method']} | {it['scoring']} | error: {m['error']} |" + " |" * (len(cols) + 3)
+                )
                 continue
             cells = [_cell(k, m.get(k)) for k, _ in cols]
             val = "-" if it["val"] is None else f"{it['val']:.3f}"

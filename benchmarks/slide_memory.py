@@ -107,7 +107,9 @@ def write_json(args: argparse.Namespace, n_tiles: int, wall_s: float, base: floa
     import ldiffusion
 
     repo = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
     rec = {
         "schema": 1, "date": datetime.date.today().isoformat(), "machine": platform.node(),
         "command": "python benchmarks/slide_memory.py " + shlex.join(sys.argv[1:]),

@@ -51,9 +51,15 @@ def test_train_then_predict(synth_root, tmp_path, capsys):
 def test_error_paths_exit_2(synth_root, tmp_path, capsys):
     assert main(["train", "--method", "unett", "--data", str(synth_root), "--out", str(tmp_path / "r")]) == 2
     assert "did you mean 'unet'" in capsys.readouterr().err
-    assert main(["train", "--method", "unet", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "r")]) == 2
+    assert (
+        main(["train", "--method", "unet", "--data", str(tmp_path / "nodata"), "--out", str(tmp_path / "r")])
+        == 2
+    )
     assert main(["train", "--method", "unet", "--data", str(synth_root), "--out", str(tmp_path / "r"),
                  "--set", "stpes=3"]) == 2
     assert "stpes" in capsys.readouterr().err
-    assert main(["predict", str(tmp_path / "norun"), "--data", str(synth_root), "--out", str(tmp_path / "p")]) == 2
+    assert (
+        main(["predict", str(tmp_path / "norun"), "--data", str(synth_root), "--out", str(tmp_path / "p")])
+        == 2
+    )
     assert "norun" in capsys.readouterr().err

@@ -337,7 +337,10 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(slide_path, tmp_path):
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and child.poll() is None:
-            if state_file.is_file() and json.loads(state_file.read_text() or "{}").get("batches_done", 0) >= 3:
+            if (
+                state_file.is_file()
+                and json.loads(state_file.read_text() or "{}").get("batches_done", 0) >= 3
+            ):
                 break
             time.sleep(0.05)
         assert child.poll() is None, "the child finished or failed before it could be killed"

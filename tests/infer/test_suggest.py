@@ -99,7 +99,9 @@ def _check_geojson(path: Path, n: int, min_spacing: float) -> list[dict]:
     assert (d[~np.eye(n, dtype=bool)] >= min_spacing - 1e-9).all()
     props = [f["properties"] for f in feats]
     assert [p["rank"] for p in props] == list(range(1, n + 1))
-    assert all(p["objectType"] == "annotation" and p["classification"]["name"] == "To annotate" for p in props)
+    assert all(
+        p["objectType"] == "annotation" and p["classification"]["name"] == "To annotate" for p in props
+    )
     scores = [p["score"] for p in props]
     assert scores == sorted(scores, reverse=True)
     return feats

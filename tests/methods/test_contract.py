@@ -17,8 +17,12 @@ K = 5
 def _batch(root, n=4):
     ds = SegmentationDataset(root, "train", transform=TrainTransform(crop_px=64), seed=0)
     items = [ds[i] for i in range(n)]
-    return {"image": torch.stack([x["image"] for x in items]), "label": torch.stack([x["label"] for x in items]),
-            "id": [x["id"] for x in items], "annotated": torch.tensor([x["annotated"] for x in items])}
+    return {
+        "image": torch.stack([x["image"] for x in items]),
+        "label": torch.stack([x["label"] for x in items]),
+        "id": [x["id"] for x in items],
+        "annotated": torch.tensor([x["annotated"] for x in items]),
+    }
 
 
 @pytest.mark.parametrize("name", SEGMENTERS)
@@ -35,7 +39,9 @@ def test_fit_two_steps_changes_weights_and_loss_finite(name, synth_root, tmp_pat
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if r["type"] == "step"]
     n_stages = len(m.stages())
-    assert len(steps) == 2 * n_stages and all(torch.isfinite(torch.tensor(list(r["losses"].values()))).all() for r in steps)
+    assert len(steps) == 2 * n_stages and all(
+        torch.isfinite(torch.tensor(list(r["losses"].values()))).all() for r in steps
+    )
 
 
 @pytest.mark.parametrize("name", SEGMENTERS)

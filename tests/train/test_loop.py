@@ -122,7 +122,9 @@ def test_max_minutes_stops_stage_cleanly(synth_root, tmp_path):
 def test_unannotated_images_skipped_by_segmenter_stage(synth_root, tmp_path):
     from ldiffusion.train.loop import _annotated_indices
 
-    ds = SegmentationDataset(synth_root, "train", annotated_ids={SegmentationDataset(synth_root, "train").ids[0]})
+    ds = SegmentationDataset(
+        synth_root, "train", annotated_ids={SegmentationDataset(synth_root, "train").ids[0]}
+    )
     assert _annotated_indices(ds) == [0]
 
 
@@ -138,7 +140,9 @@ class _TwoStageUNet:
 
         def stages():
             (main,) = base_stages()
-            first = Stage(name="first", optimizers=main.optimizers, steps=2, batch_size=2, selects_on_val=False)
+            first = Stage(
+                name="first", optimizers=main.optimizers, steps=2, batch_size=2, selects_on_val=False
+            )
             return [first, main]
 
         def validation_score(batches, generator, stage):

@@ -55,7 +55,9 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
     if autoencoder is not None:
         names = {f.name for f in dataclasses.fields(cls.config_cls)}
         if "autoencoder" not in names:
-            raise ConfigError(f"method {method_name!r} does not use a pretrained autoencoder; drop --autoencoder")
+            raise ConfigError(
+                f"method {method_name!r} does not use a pretrained autoencoder; drop --autoencoder"
+            )
         if not (autoencoder / "model.safetensors").is_file():
             raise CheckpointError(f"{autoencoder / 'model.safetensors'}: not found; train one with "
                                   "`ldiffusion train --method autoencoder --out RUN`")
@@ -71,8 +73,13 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
                                color_jitter=cfg.color_jitter)
     train_ds = SegmentationDataset(data, "train", transform=transform, seed=cfg.seed, annotated_ids=annotated)
     val_ds = SegmentationDataset(data, "val") if info.splits.get("val") else None
-    data_info = {"name": info.name, "root": str(data), "task": info.task, "annotated_fraction": annotated_fraction,
-                 "n_annotated": len(annotated) if annotated is not None else len(info.ids("train"))}
+    data_info = {
+        "name": info.name,
+        "root": str(data),
+        "task": info.task,
+        "annotated_fraction": annotated_fraction,
+        "n_annotated": len(annotated) if annotated is not None else len(info.ids("train")),
+    }
     method.extra_info = {"data": data_info, "palette": info.palette.tolist()}
     return fit(method, train_ds, val_ds, out, device=dev, generator_seed=cfg.seed, resume=resume,
                progress=progress, run_info={"data": data_info})
@@ -104,16 +111,25 @@ def register(app: typer.Typer) -> None:
     def train(
         method: str = typer.Option(..., "--method", help="Method name (unet, autoencoder, ...)."),
         data: Path = typer.Option(..., "--data", help="Prepared data set folder (with dataset.json)."),
-        out: Path = typer.Option(..., "--out", help="Run folder to write (config.json, model.safetensors, ...)."),
-        preset: str = typer.Option(None, "--preset", help="Preset: tiny, small or paper (method default: tiny)."),
+        out: Path = typer.Option(
+            ..., "--out", help="Run folder to write (config.json, model.safetensors, ...)."
+        ),
+        preset: str = typer.Option(
+            None, "--preset", help="Preset: tiny, small or paper (method default: tiny)."
+        ),
         config: Path = typer.Option(None, "--config", help="YAML/JSON file of config values."),
-        set_: list[str] = typer.Option(None, "--set", help="Override a config value: key=value (repeatable)."),
+        set_: list[str] = typer.Option(
+            None, "--set", help="Override a config value: key=value (repeatable)."
+        ),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from train_state.pt."),
         device: str = DEVICE,
         seed: int = SEED,
-        max_minutes: float = typer.Option(None, "--max-minutes", help="Wall-clock budget per stage, minutes."),
-        annotated_fraction: float = typer.Option(1.0, "--annotated-fraction",
-                                                 help="Share of training images that keep their labels."),
+        max_minutes: float = typer.Option(
+            None, "--max-minutes", help="Wall-clock budget per stage, minutes."
+        ),
+        annotated_fraction: float = typer.Option(
+            1.0, "--annotated-fraction", help="Share of training images that keep their labels."
+        ),
         autoencoder: Path = typer.Option(None, "--autoencoder", help="Run folder of a trained autoencoder."),
         no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     ) -> None:
@@ -141,5 +157,7 @@ def register(app: typer.Typer) -> None:
         if not is_main:
             return
         score = "n/a" if result.best_score is None else f"{result.best_score:.4f}"
-        print(f"trained {method} -> {out} (best validation score {score}; weights {out / 'model.safetensors'}, "
-              f"log {out / 'metrics.jsonl'})")
+        print(
+            f"trained {method} -> {out} (best validation score {score}; weights {out / 'model.safetensors'}, "
+            f"log {out / 'metrics.jsonl'})"
+        )

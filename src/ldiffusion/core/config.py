@@ -118,7 +118,8 @@ class Config:
         if unknown:
             k = unknown[0]
             raise ConfigError(
-                f"unknown config key {prefix + k!r}; valid keys are {sorted(fields)}{suggest(k, list(fields))}"
+                f"unknown config key {prefix + k!r}; valid keys are {sorted(fields)}"
+                f"{suggest(k, list(fields))}"
             )
         kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
         try:

@@ -73,7 +73,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if has_native_bf16(device) else "fp32"
     if precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"precision={precision!r} is not valid; choose one of ['auto', 'bf16', 'fp16', 'fp32']")
+        raise ConfigError(
+            f"precision={precision!r} is not valid; choose one of ['auto', 'bf16', 'fp16', 'fp32']"
+        )
     return precision
 
 

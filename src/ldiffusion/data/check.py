@@ -212,5 +212,7 @@ def validate(root: str | os.PathLike[str]) -> list[Problem]:
         problems.extend(_check_sample(root, info, case_id))
     problems.extend(_orphans(root, set(unique)))
     n_warn = sum(p.level == "warning" for p in problems)
-    logger.info("checked %d ids of %s: %d errors, %d warnings", len(unique), root, len(problems) - n_warn, n_warn)
+    logger.info(
+        "checked %d ids of %s: %d errors, %d warnings", len(unique), root, len(problems) - n_warn, n_warn
+    )
     return problems

@@ -2,7 +2,8 @@
 
 Layout of a prepared data set (one folder)::
 
-    dataset.json            {name, task, classes, ignore_index, mpp, splits, source, license, [parts], [groups]}
+    dataset.json            {name, task, classes, ignore_index, mpp, splits, source, license,
+                             [parts], [groups]}
     images/<id>.png         RGB uint8
     labels/<id>.png         uint8 class ids, 0 = background, `ignore_index` (255) = not annotated
     instances/<id>.png      uint16 instance ids, 0 = none (optional)
@@ -122,7 +123,9 @@ class DatasetInfo:
         except (KeyError, TypeError, ValueError) as e:
             raise DatasetFormatError(f"{where}: classes must be a list of {{id, name, color}} ({e})") from e
         if [c.id for c in classes] != list(range(len(classes))):
-            raise DatasetFormatError(f"{where}: class ids must be 0..K-1 in order, got {[c.id for c in classes]}")
+            raise DatasetFormatError(
+                f"{where}: class ids must be 0..K-1 in order, got {[c.id for c in classes]}"
+            )
         splits = d["splits"]
         if not isinstance(splits, dict) or any(not isinstance(v, list) for v in splits.values()):
             raise DatasetFormatError(f"{where}: splits must map split names to lists of ids")
@@ -217,7 +220,11 @@ def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
             arr = np.asarray(tifffile.imread(str(path)))
         else:
             with Image.open(path) as im:
-                arr = np.asarray(im) if im.mode in ("L", "P", "I", "I;16", "1") else np.asarray(im.convert("RGB"))
+                arr = (
+                    np.asarray(im)
+                    if im.mode in ("L", "P", "I", "I;16", "1")
+                    else np.asarray(im.convert("RGB"))
+                )
     except Exception as e:
         raise InputError(f"{path}: cannot read mask ({e})") from e
     if arr.dtype == bool:

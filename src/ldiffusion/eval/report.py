@@ -158,10 +158,13 @@ def evaluate_folder(pred_dir: str | os.PathLike[str], data_root: str | os.PathLi
         "confusion_matrix": cm.matrix.tolist(),
     }
     if pq_acc is not None:
-        result["instance"] = {**pq_acc.result(), "n_images_without_truth_instances": len(skipped_inst),
-                              "source": "<id>_inst.png where present, else connected components of the "
-                                        f"class map{f' + watershed (markers >= {min_distance} px apart)' if watershed else ''} "
-                                        f"(objects < {min_size} px dropped)"}
+        result["instance"] = {
+            **pq_acc.result(),
+            "n_images_without_truth_instances": len(skipped_inst),
+            "source": "<id>_inst.png where present, else connected components of the "
+            f"class map{f' + watershed (markers >= {min_distance} px apart)' if watershed else ''} "
+            f"(objects < {min_size} px dropped)",
+        }
     if gland_acc is not None:
         result["gland"] = gland_acc.result()
     return _clean(result)

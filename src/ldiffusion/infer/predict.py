@@ -167,8 +167,9 @@ def collect_inputs(images: Sequence[str | Path] | None = None, data_root: str | 
         for case_id in info.ids(split):
             p = sample_path(data_root, "images", case_id)
             if p is None:
-                raise InputError(f"{Path(data_root) / 'images' / (case_id + '.png')}: image of id {case_id!r} "
-                                 "not found")
+                raise InputError(
+                    f"{Path(data_root) / 'images' / (case_id + '.png')}: image of id {case_id!r} not found"
+                )
             pairs.append((case_id, p))
     for item in images or []:
         p = Path(item)
@@ -210,8 +211,10 @@ def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequenc
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     if not isinstance(segmenter, Segmenter):
-        raise InputError(f"method {getattr(segmenter, 'name', type(segmenter).__name__)!r} is not a segmenter; "
-                         "it cannot predict class maps")
+        raise InputError(
+            f"method {getattr(segmenter, 'name', type(segmenter).__name__)!r} is not a segmenter; "
+            "it cannot predict class maps"
+        )
     pairs, palette = collect_inputs(images, data_root, split)
     if palette is None or len(palette) < segmenter.num_classes:
         stored = segmenter.extra_info.get("palette")

@@ -127,8 +127,10 @@ def load_segmenter(directory: str | Path, device: str | torch.device = "cpu",
     try:
         method.load_inference_state_dict(load_weights(weights_path))
     except RuntimeError as e:  # shape mismatch, e.g. an override that changes a network's size
-        raise CheckpointError(f"{weights_path}: weights do not fit the config"
-                              f"{' with ' + ', '.join(overrides) if overrides else ''}: {str(e)[:300]}") from e
+        raise CheckpointError(
+            f"{weights_path}: weights do not fit the config"
+            f"{' with ' + ', '.join(overrides) if overrides else ''}: {str(e)[:300]}"
+        ) from e
     method.to(torch.device(device))
     if cfg.channels_last:
         method.to(memory_format=torch.channels_last)

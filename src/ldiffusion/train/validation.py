@@ -41,7 +41,9 @@ class DiceAccumulator:
         """Return the Dice of each class (NaN when the class is absent from both)."""
         tp = self.cm.diag().double()
         denom = self.cm.sum(0).double() + self.cm.sum(1).double()
-        return [float(2 * a / d) if d > 0 else math.nan for a, d in zip(tp.tolist(), denom.tolist(), strict=True)]
+        return [
+            float(2 * a / d) if d > 0 else math.nan for a, d in zip(tp.tolist(), denom.tolist(), strict=True)
+        ]
 
     def mean_foreground_dice(self) -> float:
         """Mean Dice over classes 1..K-1 that occur (0.0 when none; class 0 when K == 1)."""

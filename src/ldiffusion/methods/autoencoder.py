@@ -55,28 +55,10 @@ class AutoencoderMethod(Trainable):
     config_cls: ClassVar[type[MethodConfig]] = AutoencoderConfig
     score_name: ClassVar[str] = "val_psnr"
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "tiny": {
-            "ae": "tiny",
-            "crop_px": 64,
-            "batch_size": 4,
-            "lr": 2e-3,
-            "steps": 100,
-            "val_every": 50,
-            "ckpt_every": 50,
-            "grad_clip": 1.0,
-            "rot90": True,
-            "flips": True,
-        },
-        "small": {
-            "precision": "auto",
-            "ae": "small",
-            "crop_px": 128,
-            "batch_size": 8,
-            "lr": 1e-3,
-            "steps": 3000,
-            "val_every": 500,
-            "ckpt_every": 500,
-        },
+        "tiny": {"ae": "tiny", "crop_px": 64, "batch_size": 4, "lr": 2e-3, "steps": 100, "val_every": 50,
+                 "ckpt_every": 50, "grad_clip": 1.0, "rot90": True, "flips": True},
+        "small": {"precision": "auto", "ae": "small", "crop_px": 128, "batch_size": 8, "lr": 1e-3,
+                  "steps": 3000, "val_every": 500, "ckpt_every": 500},
     }
 
     def __init__(self, cfg: MethodConfig, num_classes: int, in_channels: int = 3,

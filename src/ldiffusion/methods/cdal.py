@@ -167,6 +167,10 @@ class CDALConfig(MethodConfig):
             check_range("attn_index", self.attn_index, 0)
 
 
+#: optimiser settings common to every preset (batch, generator and discriminator learning rates)
+_SHARED_TRAINING: dict[str, Any] = {"batch_size": 4, "lr_g": 2e-4, "lr_d": 1e-4}
+
+
 def _preset(name: str, **extra: Any) -> dict[str, Any]:
     p = cdal_preset(name)
     g, d = p["generator"], p["discriminator"]
@@ -214,48 +218,13 @@ class CDALMethod(Segmenter):
     name: ClassVar[str] = "cdal"
     config_cls: ClassVar[type[MethodConfig]] = CDALConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "tiny": _preset(
-            "tiny",
-            T=2,
-            batch_size=4,
-            lr_g=2e-4,
-            lr_d=1e-4,
-            lazy_r1=2,
-            steps=30,
-            n_samples=2,
-            attn_scale=16,
-            val_every=10,
-            ckpt_every=10,
-        ),
-        "small": _preset(
-            "small",
-            precision="auto",
-            T=2,
-            batch_size=4,
-            lr_g=2e-4,
-            lr_d=1e-4,
-            lazy_r1=10,
-            steps=300,
-            n_samples=5,
-            attn_scale=32,
-            val_every=100,
-            ckpt_every=100,
-        ),
+        "tiny": _preset("tiny", **_SHARED_TRAINING, T=2, lazy_r1=2, steps=30, n_samples=2, attn_scale=16,
+                        val_every=10, ckpt_every=10),
+        "small": _preset("small", **_SHARED_TRAINING, precision="auto", T=2, lazy_r1=10, steps=300,
+                         n_samples=5, attn_scale=32, val_every=100, ckpt_every=100),
         # MoNuSeg column: 12000 epochs x 7 iterations; the cosine LR decay of the code is not applied.
-        "paper": _preset(
-            "paper",
-            precision="auto",
-            T=4,
-            batch_size=4,
-            lr_g=2e-4,
-            lr_d=1e-4,
-            lazy_r1=10,
-            steps=84000,
-            n_samples=5,
-            attn_scale=32,
-            val_every=700,
-            ckpt_every=700,
-        ),
+        "paper": _preset("paper", **_SHARED_TRAINING, precision="auto", T=4, lazy_r1=10, steps=84000,
+                         n_samples=5, attn_scale=32, val_every=700, ckpt_every=700),
     }
 
     def __init__(self, cfg: MethodConfig, num_classes: int, in_channels: int = 3,

@@ -266,6 +266,12 @@ class LDSegConfig(MethodConfig):
 
 
 # ---------------------------------------------------------------------------------------------- method
+#: training settings common to every preset
+_SHARED_TRAINING: dict[str, Any] = {
+    "batch_size": 4, "lr": 1e-3, "flips": True, "rot90": False, "grad_clip": None,
+}
+
+
 class LDSegSegmenter(Segmenter):
     """LDSeg: label/image encoders, latent denoiser and label decoder trained jointly.
 
@@ -278,55 +284,14 @@ class LDSegSegmenter(Segmenter):
     config_cls: ClassVar[type[MethodConfig]] = LDSegConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # METHODS Part 2 §7; flips only (code), no rot90, no gradient clipping (code).
-        "tiny": {
-            "arch": "tiny",
-            "crop_px": 64,
-            "batch_size": 4,
-            "lr": 1e-3,
-            "steps": 3,
-            "val_every": 0,
-            "ckpt_every": 50,
-            "ema": None,
-            "dropout": 0.0,
-            "uncertainty_samples": 4,
-            "flips": True,
-            "rot90": False,
-            "grad_clip": None,
-        },
-        "small": {
-            "precision": "auto",
-            "arch": "small",
-            "crop_px": 256,
-            "batch_size": 4,
-            "lr": 1e-3,
-            "steps": 660,
-            "epochs": 30,
-            "val_every": 66,
-            "ckpt_every": 66,
-            "ema": 0.99,
-            "dropout": 0.2,
-            "uncertainty_samples": 10,
-            "flips": True,
-            "rot90": False,
-            "grad_clip": None,
-        },
-        "paper": {
-            "precision": "auto",
-            "arch": "paper",
-            "crop_px": 512,
-            "batch_size": 4,
-            "lr": 1e-3,
-            "steps": 53000,
-            "epochs": 2500,
-            "val_every": 2120,
-            "ckpt_every": 2120,
-            "ema": 0.999,
-            "dropout": 0.2,
-            "uncertainty_samples": 100,
-            "flips": True,
-            "rot90": False,
-            "grad_clip": None,
-        },
+        "tiny": {**_SHARED_TRAINING, "arch": "tiny", "crop_px": 64, "steps": 3, "val_every": 0,
+                 "ckpt_every": 50, "ema": None, "dropout": 0.0, "uncertainty_samples": 4},
+        "small": {**_SHARED_TRAINING, "precision": "auto", "arch": "small", "crop_px": 256, "steps": 660,
+                  "epochs": 30, "val_every": 66, "ckpt_every": 66, "ema": 0.99, "dropout": 0.2,
+                  "uncertainty_samples": 10},
+        "paper": {**_SHARED_TRAINING, "precision": "auto", "arch": "paper", "crop_px": 512, "steps": 53000,
+                  "epochs": 2500, "val_every": 2120, "ckpt_every": 2120, "ema": 0.999, "dropout": 0.2,
+                  "uncertainty_samples": 100},
     }
 
     def __init__(self, cfg: MethodConfig, num_classes: int, in_channels: int = 3,

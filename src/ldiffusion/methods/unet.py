@@ -43,38 +43,12 @@ class UNetMethod(Segmenter):
     name: ClassVar[str] = "unet"
     config_cls: ClassVar[type[MethodConfig]] = UNetConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "tiny": {
-            "base": 8,
-            "depth": 3,
-            "crop_px": 64,
-            "batch_size": 4,
-            "lr": 3e-3,
-            "steps": 60,
-            "val_every": 20,
-            "ckpt_every": 20,
-        },
-        "small": {
-            "precision": "auto",
-            "base": 32,
-            "depth": 4,
-            "crop_px": 256,
-            "batch_size": 8,
-            "lr": 1e-3,
-            "steps": 2000,
-            "val_every": 200,
-            "ckpt_every": 200,
-        },
-        "paper": {
-            "precision": "auto",
-            "base": 64,
-            "depth": 5,
-            "crop_px": 512,
-            "batch_size": 16,
-            "lr": 1e-3,
-            "steps": 20000,
-            "val_every": 1000,
-            "ckpt_every": 1000,
-        },
+        "tiny": {"base": 8, "depth": 3, "crop_px": 64, "batch_size": 4, "lr": 3e-3, "steps": 60,
+                 "val_every": 20, "ckpt_every": 20},
+        "small": {"precision": "auto", "base": 32, "depth": 4, "crop_px": 256, "batch_size": 8, "lr": 1e-3,
+                  "steps": 2000, "val_every": 200, "ckpt_every": 200},
+        "paper": {"precision": "auto", "base": 64, "depth": 5, "crop_px": 512, "batch_size": 16, "lr": 1e-3,
+                  "steps": 20000, "val_every": 1000, "ckpt_every": 1000},
     }
 
     def __init__(self, cfg: MethodConfig, num_classes: int, in_channels: int = 3,

@@ -92,39 +92,31 @@ def main() -> None:
     )
     print("outputs: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(sizes.items())))
     if args.json is not None:
-        write_json(args, res.n_tiles, dt, base, peak, sizes)
+        write_record(args, res.n_tiles, dt, base, peak, sizes)
 
 
-def write_json(args: argparse.Namespace, n_tiles: int, wall_s: float, base: float, peak: float,
-               sizes: dict[str, int]) -> None:
-    """The run's figures, with the command, commit and versions, written atomically."""
+def write_record(args: argparse.Namespace, n_tiles: int, wall_s: float, base: float, peak: float,
+                 sizes: dict[str, int]) -> None:
+    """The run's figures, with the command, commit and versions, written atomically to `args.json`."""
     import datetime
-    import json
     import platform
     import shlex
-    import subprocess
+
+    from accuracy import _git_commit  # the benchmarks' one commit lookup (beside this script)
 
     import ldiffusion
+    from ldiffusion.core.io import write_json
 
-    repo = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
-    ).stdout.strip()
-    rec = {
+    write_json(args.json, {
         "schema": 1, "date": datetime.date.today().isoformat(), "machine": platform.node(),
         "command": "python benchmarks/slide_memory.py " + shlex.join(sys.argv[1:]),
-        "git_commit": commit or None, "ldiffusion": ldiffusion.__version__, "torch": torch.__version__,
+        "git_commit": _git_commit(), "ldiffusion": ldiffusion.__version__, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "size_px": args.size, "tile_px": args.tile,
         "overlap_px": args.overlap, "batch_size": args.batch_size, "formats": args.formats,
         "n_tiles": n_tiles, "wall_s": round(wall_s, 1), "rss_after_imports_mib": round(base, 1),
         "peak_rss_mib": round(peak, 1), "added_by_prediction_mib": round(peak - base, 1),
         "output_bytes": sizes,
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_name(args.json.name + ".tmp")
-    tmp.write_text(json.dumps(rec, indent=1) + "\n")
-    tmp.replace(args.json)
-
+    })
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,12 @@ and byte-identical resume (a model that fails after a few batches).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -321,13 +327,6 @@ predict_slide(PositionModel(noise=True), {slide!r}, {out!r},
 
 def test_sigkill_mid_run_then_resume_is_byte_identical(slide_path, tmp_path):
     """A real `kill -9` of the predicting process (no exception handler runs), then `resume=True`."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
     kw = {**FAST, "formats": "ome-tiff,geojson,png", "seed": 3}
     predict_slide(PositionModel(noise=True), slide_path, tmp_path / "ref", **kw)
     repo = str(Path(__file__).resolve().parents[2])

@@ -3,8 +3,10 @@
 Checks, in order: `dataset.json` (present, valid JSON, valid schema); empty train/val/test
 splits; duplicate ids (within and across splits); `parts` ids missing from the splits; per id
 (streamed, one sample in memory at a time): missing or unreadable image / label / instance files,
-size mismatches, label values outside the class ids (`ignore_index` allowed); finally orphan
-files (present in a folder but in no split), reported at level "warning".
+size mismatches, label values outside the class ids (`ignore_index` allowed); lossy image
+conversions (16-bit scaled to 8-bit, transparent alpha dropped, CMYK; see `format.read_image`)
+and orphan files (present in a folder but in no split), both reported at level "warning".
+Ids that are not one safe file name (`format.check_id`) fail when `dataset.json` is read.
 
 Example:
     >>> problems = validate("data/monuseg")          # doctest: +SKIP
@@ -118,10 +120,12 @@ def _check_sample(root: Path, info: DatasetInfo, case_id: str) -> list[Problem]:
 
     image_hw: tuple[int, ...] | None = None
     if img_path is not None:
+        notes: list[str] = []
         try:
-            image_hw = read_image(img_path).shape[:2]
+            image_hw = read_image(img_path, notes=notes).shape[:2]
         except LDiffusionError as e:
             problems.append(Problem(str(img_path), f"unreadable image ({e})"))
+        problems.extend(Problem(str(img_path), note, level="warning") for note in notes)
     label: np.ndarray | None = None
     if lab_path is not None:
         try:

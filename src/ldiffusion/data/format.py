@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -105,7 +106,9 @@ class DatasetInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "dataset.json") -> DatasetInfo:
-        """Parse and validate the JSON form; errors name the file and key."""
+        """Parse and validate the JSON form; every error names the file and the key (one line)."""
+        if not isinstance(d, dict):
+            raise DatasetFormatError(f"{where}: expected a JSON object at the top level, got {_jtype(d)}")
         required = ["name", "task", "classes", "splits"]
         for k in required:
             if k not in d:
@@ -116,27 +119,147 @@ class DatasetInfo:
         if unknown:
             raise DatasetFormatError(f"{where}: unknown key {unknown[0]!r}; valid keys are {sorted(known)}")
         if d["task"] not in ("semantic", "instance"):
-            raise DatasetFormatError(f"{where}: task={d['task']!r}; expected 'semantic' or 'instance'")
-        try:
-            classes = tuple(ClassInfo(int(c["id"]), str(c["name"]), tuple(int(x) for x in c["color"]))  # type: ignore[arg-type]
-                            for c in d["classes"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise DatasetFormatError(f"{where}: classes must be a list of {{id, name, color}} ({e})") from e
-        if [c.id for c in classes] != list(range(len(classes))):
-            raise DatasetFormatError(
-                f"{where}: class ids must be 0..K-1 in order, got {[c.id for c in classes]}"
-            )
-        splits = d["splits"]
-        if not isinstance(splits, dict) or any(not isinstance(v, list) for v in splits.values()):
-            raise DatasetFormatError(f"{where}: splits must map split names to lists of ids")
+            raise DatasetFormatError(f"{where}: task={_short(d['task'])}; expected 'semantic' or 'instance'")
+        for key in ("name", "source", "license"):
+            if key in d and not isinstance(d[key], str):
+                raise DatasetFormatError(f"{where}: {key}={_short(d[key])} should be a string")
+        classes = _parse_classes(d["classes"], where)
+        ignore = d.get("ignore_index", 255)
+        if not _is_int(ignore) or not 0 <= ignore <= 255:
+            raise DatasetFormatError(f"{where}: ignore_index={_short(ignore)} should be an integer in 0..255")
+        if ignore < len(classes):
+            raise DatasetFormatError(f"{where}: ignore_index={ignore} is also the id of class "
+                                     f"{classes[ignore].name!r}; use a value >= {len(classes)} (e.g. 255)")
+        mpp = d.get("mpp")
+        if mpp is not None and (not isinstance(mpp, (int, float)) or isinstance(mpp, bool)
+                                or not math.isfinite(mpp) or mpp <= 0):
+            raise DatasetFormatError(f"{where}: mpp={_short(mpp)} should be a positive number "
+                                     "(microns per pixel) or null")
+        splits = _parse_id_lists(d["splits"], where, "splits")
+        parts = _parse_id_lists(d.get("parts", {}), where, "parts")
+        groups_raw = d.get("groups", {})
+        if not isinstance(groups_raw, dict):
+            raise DatasetFormatError(f"{where}: groups should map ids to group names, "
+                                     f"got {_jtype(groups_raw)}")
+        groups: dict[str, str] = {}
+        for k, v in groups_raw.items():
+            check_id(k, where=f"{where}: groups")
+            if not isinstance(v, (str, int)) or isinstance(v, bool):
+                raise DatasetFormatError(f"{where}: groups[{k!r}]={_short(v)} should be a string")
+            groups[k] = str(v)
         return cls(
-            name=str(d["name"]), task=d["task"], classes=classes,
-            splits={k: [str(i) for i in v] for k, v in splits.items()},
-            ignore_index=int(d.get("ignore_index", 255)), mpp=d.get("mpp"),
-            source=str(d.get("source", "")), license=str(d.get("license", "")),
-            parts={k: [str(i) for i in v] for k, v in d.get("parts", {}).items()},
-            groups={str(k): str(v) for k, v in d.get("groups", {}).items()},
+            name=d["name"], task=d["task"], classes=classes, splits=splits, ignore_index=int(ignore),
+            mpp=None if mpp is None else float(mpp), source=d.get("source", ""),
+            license=d.get("license", ""), parts=parts, groups=groups,
         )
+
+
+def _jtype(v: Any) -> str:
+    """Name of the JSON type of `v` for messages."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(v), type(v).__name__)
+
+
+def _short(v: Any, n: int = 60) -> str:
+    """`repr(v)` cut to `n` characters (values from files may be huge)."""
+    r = repr(v)
+    return r if len(r) <= n else r[: n - 3] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: longest id in bytes (UTF-8): ids become file names, most file systems allow 255 bytes per name.
+MAX_ID_BYTES = 200
+
+
+def id_problem(case_id: Any) -> str | None:
+    """Return why `case_id` cannot be a sample id, or None when it can.
+
+    An id becomes a file name (`images/<id>.png`, prediction outputs, caches), so it must be one
+    path component: a non-empty string (an integer is accepted and read as its decimal text),
+    without '/', '\\' or NUL, not '.' or '..', at most `MAX_ID_BYTES` bytes in UTF-8.
+
+    Example:
+        >>> id_problem("case_01") is None, id_problem("../x")
+        (True, "contains '/' (a path separator)")
+    """
+    if _is_int(case_id):
+        case_id = str(case_id)
+    if not isinstance(case_id, str):
+        return f"is {_jtype(case_id)}, not a string"
+    if not case_id:
+        return "is empty"
+    for ch, what in (("/", "a path separator"), ("\\", "a path separator"), ("\0", "a NUL character")):
+        if ch in case_id:
+            return f"contains {ch!r} ({what})"
+    if case_id in (".", ".."):
+        return "is a relative folder name, not a file name"
+    if len(case_id.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+        return f"is longer than {MAX_ID_BYTES} bytes"
+    return None
+
+
+def check_id(case_id: Any, where: str = "id") -> str:
+    """Return `case_id` as a string when it is a safe sample id (see `id_problem`), else raise.
+
+    Use it wherever an id from a file or the command line becomes part of a path.
+
+    Args:
+        case_id: the id (a string, or an integer read as its decimal text).
+        where: prefix of the error, e.g. "data/x/dataset.json: split 'train'".
+
+    Raises:
+        DatasetFormatError: one line, "<where>: id '<id>' is not valid: <reason>; ...".
+    """
+    why = id_problem(case_id)
+    if why is not None:
+        raise DatasetFormatError(f"{where}: id {_short(case_id)} is not valid: it {why}; an id must be one "
+                                 "file name (no '/', '\\', '..', NUL; not empty)")
+    return str(case_id)
+
+
+def _parse_classes(raw: Any, where: str) -> tuple[ClassInfo, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise DatasetFormatError(f"{where}: classes should be a non-empty list of {{id, name, color}}, "
+                                 f"got {_short(raw)}")
+    out = []
+    for k, c in enumerate(raw):
+        at = f"{where}: classes[{k}]"
+        if not isinstance(c, dict) or not {"id", "name", "color"} <= set(c):
+            raise DatasetFormatError(f"{at}={_short(c)} should be an object with keys id, name, color")
+        if not _is_int(c["id"]):
+            raise DatasetFormatError(f"{at}.id={_short(c['id'])} should be an integer")
+        if not isinstance(c["name"], str) or not c["name"]:
+            raise DatasetFormatError(f"{at}.name={_short(c['name'])} should be a non-empty string")
+        col = c["color"]
+        if (not isinstance(col, list) or len(col) != 3
+                or not all(_is_int(x) and 0 <= x <= 255 for x in col)):
+            raise DatasetFormatError(f"{at}.color={_short(col)} should be [r, g, b] with integers in 0..255")
+        out.append(ClassInfo(c["id"], c["name"], (col[0], col[1], col[2])))
+    ids = [c.id for c in out]
+    if ids != list(range(len(out))):
+        raise DatasetFormatError(f"{where}: class ids must be 0..K-1 in order, got {_short(ids)}")
+    return tuple(out)
+
+
+def _parse_id_lists(raw: Any, where: str, key: str) -> dict[str, list[str]]:
+    if not isinstance(raw, dict):
+        raise DatasetFormatError(f"{where}: {key} should map names to lists of ids, got {_jtype(raw)}")
+    out: dict[str, list[str]] = {}
+    for name, ids in raw.items():
+        if not isinstance(ids, list):
+            raise DatasetFormatError(f"{where}: {key}[{name!r}] should be a list of ids, got {_short(ids)}")
+        bad = [i for i in ids if id_problem(i) is not None]
+        if bad:
+            try:
+                check_id(bad[0], where=f"{where}: {key[:-1]} {name!r}")
+            except DatasetFormatError as e:
+                more = f" ({len(bad) - 1} more invalid ids in this {key[:-1]})" if len(bad) > 1 else ""
+                raise DatasetFormatError(f"{e}{more}") from None
+        out[name] = [str(i) for i in ids]
+    return out
 
 
 def read_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo:
@@ -147,8 +270,9 @@ def read_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo:
                                  "(create one with `ldiffusion data prepare` or `data synth`)")
     try:
         d = read_json(path)
-    except ValueError as e:
-        raise DatasetFormatError(str(e)) from e
+    except (OSError, ValueError, RecursionError) as e:
+        msg = str(e) if str(path) in str(e) else f"{path}: cannot read ({type(e).__name__}: {e})"
+        raise DatasetFormatError(msg.splitlines()[0] if msg else str(path)) from e
     return DatasetInfo.from_dict(d, where=str(path))
 
 
@@ -160,46 +284,120 @@ def write_dataset_info(root: str | os.PathLike[str], info: DatasetInfo) -> None:
 # ---------------------------------------------------------------- image I/O
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an RGB image of any common container (PNG, TIFF, BMP, JPEG, WebP).
+def read_image(path: str | os.PathLike[str], notes: list[str] | None = None) -> np.ndarray:
+    """Read an RGB image of any common container (PNG, TIFF, BMP, JPEG, WebP) and pixel mode.
+
+    Conversions (each one explicit; `notes` receives a line for the lossy ones, which
+    `ldiffusion data check` prints as warnings):
+
+    - grey, 1-bit, palette, YCbCr, LAB: converted to RGB (grey repeated to 3 channels);
+    - alpha (RGBA, LA, PA, 2/4-channel TIFF): dropped; a note when some pixel is not opaque;
+    - CMYK: converted to RGB (R = (255 - C) * (255 - K) / 255, ...), with a note;
+    - 16-bit (PNG I;16, uint16 TIFF): scaled by the full 16-bit range, value // 257, the same
+      for every image of a set; an image whose values all lie in 0..255 is 8-bit data in a
+      16-bit container and keeps its values. A note gives the value range either way;
+    - 32-bit integer with values in 0..65535: as 16-bit; float, signed or larger values: refused.
 
     Args:
         path: image file.
+        notes: when given, receives one line per lossy conversion (without the file name).
 
     Returns:
-        (H, W, 3) uint8 array. Grey images are repeated to 3 channels; alpha is dropped.
+        (H, W, 3) uint8 array.
 
     Raises:
-        InputError: the file is missing or cannot be decoded.
+        InputError: the file is missing, cannot be decoded, or holds an unsupported pixel type
+            (named with the file).
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: image file not found")
+    notes = [] if notes is None else notes
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            arr = np.asarray(tifffile.imread(str(path)))
-            if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
-                arr = np.moveaxis(arr, 0, -1)
+            arr = _read_tiff_rgb(path, notes)
         else:
             with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
+                arr = _pil_rgb(im, path, notes)
     except InputError:
         raise
     except Exception as e:
         raise InputError(f"{path}: cannot read image ({e})") from e
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=-1)
-    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or 0 in arr.shape:
         raise InputError(f"{path}: expected an RGB image, got array of shape {arr.shape}")
-    arr = arr[..., :3]
-    if arr.dtype != np.uint8:
-        if arr.dtype == np.uint16:
-            arr = (arr // 257).astype(np.uint8)
-        else:
-            raise InputError(f"{path}: unsupported image dtype {arr.dtype}; expected uint8")
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def _alpha_note(alpha: np.ndarray, notes: list[str]) -> None:
+    top = 65535 if alpha.dtype == np.uint16 else 255
+    n = int((alpha < top).sum())
+    if n:
+        notes.append(f"alpha channel dropped ({n} of {alpha.size} pixels not opaque)")
+
+
+def _to_uint8(arr: np.ndarray, path: Path, notes: list[str]) -> np.ndarray:
+    """Bring an integer array to uint8 (see `read_image`); raise naming `path` otherwise."""
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{path}: unsupported image pixel type {arr.dtype}; expected 8- or 16-bit integers "
+                         "(convert float images to 8-bit first)")
+    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    if lo < 0 or hi > 65535:
+        raise InputError(f"{path}: image values {lo}..{hi} do not fit 8 or 16 bits ({arr.dtype}); "
+                         "convert it to 8-bit RGB first")
+    if hi <= 255:
+        notes.append(f"{arr.dtype} image with values {lo}..{hi}: read as 8-bit values")
+        return arr.astype(np.uint8)
+    notes.append(f"16-bit image with values {lo}..{hi}: scaled to 8-bit by value // 257")
+    return (arr // 257).astype(np.uint8)
+
+
+def _pil_rgb(im: Image.Image, path: Path, notes: list[str]) -> np.ndarray:
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im)
+    if mode.startswith("I") or mode == "F":
+        return _to_uint8(np.asarray(im), path, notes)
+    if mode == "CMYK":
+        notes.append("CMYK image converted to RGB")
+        return np.asarray(im.convert("RGB"))
+    if "A" in mode or "a" in mode or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        _alpha_note(np.asarray(rgba)[..., 3], notes)
+        return np.asarray(rgba.convert("RGB"))
+    return np.asarray(im.convert("RGB"))
+
+
+def _read_tiff_rgb(path: Path, notes: list[str]) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as tf:
+        if not tf.pages:
+            raise InputError(f"{path}: TIFF without any image")
+        page = tf.pages[0]
+        ph = getattr(page, "photometric", None)
+        photometric = 2 if ph is None else int(ph)
+        arr = np.asarray(page.asarray())
+    if arr.ndim == 3 and arr.shape[0] in (2, 3, 4) and arr.shape[-1] not in (2, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)
+    cmyk = photometric == 5 and arr.ndim == 3 and arr.shape[-1] >= 4  # SEPARATED
+    if arr.ndim == 3 and arr.shape[-1] in (2, 4) and not cmyk:
+        _alpha_note(arr[..., -1], notes)
+    arr = _to_uint8(arr, path, notes)
+    if cmyk:
+        notes.append("CMYK image converted to RGB")
+        cmy, k = arr[..., :3].astype(np.uint16), arr[..., 3:4].astype(np.uint16)
+        return ((255 - cmy) * (255 - k) // 255).astype(np.uint8)
+    if arr.ndim == 2 and photometric == 0:  # MINISWHITE grey: 0 is white
+        return 255 - arr
+    if arr.ndim == 3 and arr.shape[-1] == 2:  # grey + alpha
+        return arr[..., 0]
+    return arr
 
 
 def read_mask(path: str | os.PathLike[str]) -> np.ndarray:
@@ -276,6 +474,7 @@ class DatasetWriter:
             label: (H, W) class ids (cast to uint8).
             instances: (H, W) instance ids (cast to uint16) or None.
         """
+        check_id(case_id, where=str(self.root))
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise ValueError(f"{case_id}: image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
         if label.shape != image.shape[:2]:

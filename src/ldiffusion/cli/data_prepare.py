@@ -111,7 +111,8 @@ def _prepare_qupath(paths: list[Path], *, seed: int, force: bool, progress: bool
                   "skipping (use --force to prepare again)")
             print(summary(read_dataset_info(out)))
             return
-    info = qp.prepare_qupath(annotations, out, open_slide=open_slide, progress=progress, **kwargs)
+    info = qp.prepare_qupath(annotations, out, open_slide=open_slide, progress=progress, force=force,
+                             **kwargs)
     print(f"prepared 'qupath' -> {out}")
     print(summary(info))
 
@@ -127,13 +128,17 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Argument(..., metavar="FORMAT", help=f"Source format, one of: {choices}."),
         paths: list[Path] = typer.Argument(..., metavar="SRC OUT",
                                            help="Folder of the downloaded release, then the output folder "
-                                                "(created; a previous conversion is replaced). qupath: OUT "
-                                                "(or ANNOTATIONS OUT)."),
+                                                "(created; a previous conversion by the same FORMAT is "
+                                                "replaced once the new one is complete). qupath: OUT (or "
+                                                "ANNOTATIONS OUT)."),
         seed: int = SEED,
         option: list[str] = typer.Option(None, "--option", "-o",
                                          help="Converter option key=value (repeatable), e.g. taxonomy=morph.",
                                          ),
-        force: bool = typer.Option(False, "--force", help="Convert again even if OUT is up to date."),
+        force: bool = typer.Option(False, "--force",
+                                   help="Convert again even if OUT is up to date, and replace a data set "
+                                        "in OUT written by another command (never a folder that is no "
+                                        "data set)."),
         progress: bool = PROGRESS,
         slides: list[Path] = _qp(None, "--slides", "Slide file or folder of slides (repeatable)."),
         annotations: Path = _qp(None, "--annotations",
@@ -209,6 +214,6 @@ def register(app: typer.Typer) -> None:
                   "skipping (use --force to convert again)")
             print(summary(read_dataset_info(out)))
             return
-        info = fn(src, out, seed=seed, progress=progress, **opts)
+        info = fn(src, out, seed=seed, progress=progress, force=force, **opts)
         print(f"prepared {fmt!r} -> {out}")
         print(summary(info))

@@ -17,17 +17,20 @@ def register(app: typer.Typer) -> None:
 
     @app.command("synth")
     def synth(
-        out: Path = typer.Argument(..., help="Output folder (created)."),
+        out: Path = typer.Argument(..., help="Output folder (created; a synthetic set there is replaced)."),
         n: int = typer.Option(40, "--n", help="Number of images."),
         size: int = typer.Option(128, "--size", help="Image side in pixels (>= 16)."),
         seed: int = typer.Option(0, "--seed", help="Seed; the same seed writes byte-identical files."),
+        force: bool = typer.Option(False, "--force",
+                                   help="Replace a data set in OUT written by another command (a synthetic "
+                                        "set is replaced without it; a folder that is no data set never)."),
     ) -> None:
         """Write a synthetic H&E-like instance data set (5 classes, nuclei instances) to OUT.
 
         Classes: 0 background (and gland lumen), 1 stroma, 2 nucleus, 3 gland epithelium,
         4 necrosis (rare, ~20% of the images). Use it for smoke tests and demos.
         """
-        info = make_synthetic_dataset(out, n=n, size=size, seed=seed)
+        info = make_synthetic_dataset(out, n=n, size=size, seed=seed, force=force)
         c = {s: len(v) for s, v in info.splits.items()}
         print(
             f"wrote {info.name} to {out}: {n} images of {size} px (train {c['train']} / val {c['val']} / "

@@ -82,6 +82,7 @@ from ldiffusion.core.errors import ConfigError, InputError
 from ldiffusion.core.io import atomic_write
 from ldiffusion.core.registry import suggest
 from ldiffusion.data.format import ClassInfo, DatasetInfo
+from ldiffusion.data.staging import staged
 
 logger = logging.getLogger(__name__)
 
@@ -928,6 +929,7 @@ def _paint_items(
     return [*regions, *annotations, *detections, *ignores], [it.geometry for it in regions]
 
 
+@staged(NAME)  # a failed preparation leaves OUT untouched; takes force=
 def prepare_qupath(
     annotations: str | Path,
     out: str | Path,

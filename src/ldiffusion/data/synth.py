@@ -33,7 +33,8 @@ import numpy as np
 from scipy import ndimage
 
 from ldiffusion.core.errors import InputError
-from ldiffusion.data.format import ClassInfo, DatasetInfo, DatasetWriter
+from ldiffusion.data.format import ClassInfo, DatasetInfo
+from ldiffusion.data.staging import commit, open_output, staged
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +203,7 @@ def split_ids(
     return out
 
 
+@staged("synth")
 def make_synthetic_dataset(
     out: str | os.PathLike[str],
     n: int = 40,
@@ -212,7 +214,9 @@ def make_synthetic_dataset(
     """Write a synthetic H&E-like instance data set to `out` in the standard format.
 
     Args:
-        out: destination folder (created; existing files with the same names are replaced).
+        out: destination folder: new, empty, or holding a synthetic set (replaced once the new
+            one is complete). A data set written by another command is replaced only with the
+            extra keyword `force=True`; any other non-empty folder is refused.
         n: number of images (>= 1).
         size: image side in pixels (>= 16).
         seed: seed of every random draw; the same seed gives byte-identical files.
@@ -222,7 +226,7 @@ def make_synthetic_dataset(
         The `DatasetInfo` written to `out/dataset.json` (task "instance", 5 classes).
 
     Raises:
-        InputError: `n`, `size` or `splits` out of range.
+        InputError: `n`, `size` or `splits` out of range, or `out` refused (see above).
     """
     if n < 1:
         raise InputError(f"n={n} is out of range; expected at least 1 image")
@@ -237,7 +241,7 @@ def make_synthetic_dataset(
     n_rare = max(1, round(RARE_FRACTION * n)) if n >= 2 else 0
     rare = set(plan_rng.choice(n, size=n_rare, replace=False).tolist()) if n_rare else set()
     ids = [f"synth_{i:04d}" for i in range(n)]
-    writer = DatasetWriter(out)
+    writer = open_output(out)
     for i, case_id in enumerate(ids):
         image, label, inst = make_sample(np.random.default_rng(children[i + 1]), size, i in rare)
         writer.add(case_id, image, label, inst)
@@ -251,6 +255,8 @@ def make_synthetic_dataset(
         source=f"ldiffusion.data.synth.make_synthetic_dataset(n={n}, size={size}, seed={seed})",
         license="CC0-1.0",
     )
-    writer.finish(info, manifest={"generator": "ldiffusion.data.synth", "seed": seed, "size": size})
+    writer.finish(info, manifest={"converter": "synth", "generator": "ldiffusion.data.synth", "seed": seed,
+                                  "size": size})
+    commit(writer)
     logger.info("wrote synthetic data set (%d images of %d px, seed %d) to %s", n, size, seed, Path(out))
     return info

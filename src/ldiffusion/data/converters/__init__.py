@@ -32,8 +32,12 @@ __all__ = ["CONVERTERS", "convert", "effective_options", "option_names"]
 
 
 def convert(name: str, src: str | Path, out: str | Path, *, seed: int = 0, progress: bool = True,
-            **options: Any) -> DatasetInfo:
-    """Run converter `name`, checking option names first (unknown ones raise `ConfigError`)."""
+            force: bool = False, **options: Any) -> DatasetInfo:
+    """Run converter `name`, checking option names first (unknown ones raise `ConfigError`).
+
+    `out` changes only when the conversion succeeds; `force` allows replacing a data set written
+    by another command (see `ldiffusion.data.staging`).
+    """
     fn = CONVERTERS.get(name)
     effective_options(fn, seed, **options)
-    return fn(Path(src), Path(out), seed=seed, progress=progress, **options)
+    return fn(Path(src), Path(out), seed=seed, progress=progress, force=force, **options)

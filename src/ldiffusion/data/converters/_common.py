@@ -17,7 +17,6 @@ import hashlib
 import inspect
 import json
 import logging
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +28,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ldiffusion.core.errors import ConfigError, DatasetFormatError, InputError
 from ldiffusion.core.registry import Registry
 from ldiffusion.data.format import IMAGE_SUFFIXES, DatasetInfo, DatasetWriter
+from ldiffusion.data.staging import commit, open_output, staged
 
 logger = logging.getLogger(__name__)
 
@@ -98,45 +98,45 @@ def check_src(src: str | Path, what: str) -> Path:
 
 
 def prepare_out(out: str | Path) -> DatasetWriter:
-    """Make `out` ready for a fresh conversion and return a `DatasetWriter` on it.
+    """Check `out` and return a `DatasetWriter` on a staging folder inside it (see `data.staging`).
 
-    An empty or missing folder is used as is. A folder that already holds a prepared data set
-    (`dataset.json` or `manifest.json`) is cleared of our own outputs, manifest first, so that an
-    interrupted run never looks complete. Any other non-empty folder is refused.
+    Nothing in `out` changes until `finish` swaps the complete data set in: a conversion that
+    fails leaves `out` as it was. `out` may be missing, empty, or hold a data set written by the
+    same converter; a data set written by another command is replaced only with `force=True`
+    (given to the converter), and any other non-empty folder is refused.
 
     Raises:
-        InputError: `out` is a file, or a non-empty folder that is not a prepared data set.
+        InputError: `out` is a file, a non-empty folder that is not a data set, or a data set of
+            another command without `force`.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: output path is a file; expected a folder")
-    if out.is_dir() and any(out.iterdir()):
-        ours = {"images", "labels", "instances", "dataset.json", "manifest.json"}
-        if not ((out / "manifest.json").exists() or (out / "dataset.json").exists()):
-            raise InputError(f"{out}: output folder is not empty and holds no prepared data set; "
-                             "choose an empty or new folder")
-        for name in ("manifest.json", "dataset.json"):
-            (out / name).unlink(missing_ok=True)
-        for sub in ("images", "labels", "instances"):
-            if (out / sub).is_dir():
-                shutil.rmtree(out / sub)
-        others = sorted(p.name for p in out.iterdir() if p.name not in ours)
-        if others:
-            logger.warning("%s: leaving unrelated entries in place: %s", out, others[:5])
-    return DatasetWriter(out)
+    return open_output(out)
+
+
+def register(name: str) -> Callable[[ConverterFn], ConverterFn]:
+    """Register converter `name` in `CONVERTERS`, wrapped by `staged(name)`.
+
+    The wrapped converter takes the extra keyword `force` (replace a data set written by another
+    command) and removes its staging folder when it fails, so `out` is left untouched.
+    """
+
+    def deco(fn: ConverterFn) -> ConverterFn:
+        return CONVERTERS.register(name)(staged(name)(fn))
+
+    return deco
 
 
 def finish(writer: DatasetWriter, info: DatasetInfo, *, converter: str, version: int, src: Path,
            options: dict[str, Any], extra: dict[str, Any] | None = None) -> DatasetInfo:
-    """Check that every split id was written, then write `dataset.json` and `manifest.json` last."""
+    """Check that every split id was written, write the json files, swap into `out`."""
+    where = getattr(writer, "target", writer.root)
     written = set(writer.ids)
     listed = [i for ids in info.splits.values() for i in ids]
     missing = sorted(set(listed) - written)
     if missing:
-        raise DatasetFormatError(f"{writer.root}: split ids {missing[:5]} were never written")
+        raise DatasetFormatError(f"{where}: split ids {missing[:5]} were never written")
     unlisted = sorted(written - set(listed))
     if unlisted:
-        raise DatasetFormatError(f"{writer.root}: written ids {unlisted[:5]} are in no split")
+        raise DatasetFormatError(f"{where}: written ids {unlisted[:5]} are in no split")
     manifest = {
         "converter": converter,
         "converter_version": version,
@@ -147,6 +147,7 @@ def finish(writer: DatasetWriter, info: DatasetInfo, *, converter: str, version:
         **(extra or {}),
     }
     writer.finish(info, manifest)
+    commit(writer)
     logger.info("%s: wrote %d images (%s) to %s", converter, len(writer.ids),
                 ", ".join(f"{k} {len(v)}" for k, v in info.splits.items()), writer.root)
     return info

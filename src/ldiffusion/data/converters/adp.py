@@ -34,7 +34,6 @@ from PIL import Image
 
 from ldiffusion.core.errors import ConfigError, DatasetFormatError
 from ldiffusion.data.converters._common import (
-    CONVERTERS,
     check_src,
     collect_options,
     finish,
@@ -42,6 +41,7 @@ from ldiffusion.data.converters._common import (
     prepare_out,
     progress_bar,
     read_rgb_mask,
+    register,
 )
 from ldiffusion.data.format import ClassInfo, DatasetInfo, find_images, read_image
 from ldiffusion.data.splits import make_splits, split_train_val_test
@@ -92,7 +92,7 @@ def case_id(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)
 
 
-@CONVERTERS.register(NAME)
+@register(NAME)
 def convert(src: Path, out: Path, *, seed: int = 0, progress: bool = True,
             taxonomy: str = "func", val: int = 10, test: int = 10) -> DatasetInfo:
     """Convert the ADP tuning set (`img/01_tuning_patch`, `gt/01_tuning_patch/{func,morph}`).

@@ -35,7 +35,6 @@ import numpy as np
 
 from ldiffusion.core.errors import ConfigError, DatasetFormatError
 from ldiffusion.data.converters._common import (
-    CONVERTERS,
     apply_lut,
     as_amount,
     as_float,
@@ -45,6 +44,7 @@ from ldiffusion.data.converters._common import (
     finish,
     prepare_out,
     progress_bar,
+    register,
 )
 from ldiffusion.data.format import ClassInfo, DatasetInfo, find_images, read_image, read_mask
 from ldiffusion.data.splits import make_splits, split_train_val_test
@@ -93,7 +93,7 @@ def slide_id(stem: str) -> str:
     return stem.split("_", 1)[0]
 
 
-@CONVERTERS.register(NAME)
+@register(NAME)
 def convert(src: Path, out: Path, *, seed: int = 0, progress: bool = True, classes: str = "full",
             val: float = 0.15, test: float = 0.15, mpp: float = 0.25) -> DatasetInfo:
     """Convert a BCSS folder of `images/` + `masks/` pairs.

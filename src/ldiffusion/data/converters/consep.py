@@ -29,7 +29,6 @@ import numpy as np
 
 from ldiffusion.core.errors import DatasetFormatError
 from ldiffusion.data.converters._common import (
-    CONVERTERS,
     apply_lut,
     check_src,
     collect_options,
@@ -37,6 +36,7 @@ from ldiffusion.data.converters._common import (
     finish,
     prepare_out,
     progress_bar,
+    register,
 )
 from ldiffusion.data.format import ClassInfo, DatasetInfo, DatasetWriter, find_images, read_image, read_mask
 from ldiffusion.data.splits import make_splits, split_groups
@@ -89,7 +89,7 @@ def _convert_split(folder: Path, writer: DatasetWriter, progress: bool) -> list[
     return ids
 
 
-@CONVERTERS.register(NAME)
+@register(NAME)
 def convert(src: Path, out: Path, *, seed: int = 0, progress: bool = True,
             val_images: int = 4) -> DatasetInfo:
     """Convert the CoNSeP tiles folder (`Train/`, `Test/`).

@@ -28,7 +28,6 @@ import numpy as np
 
 from ldiffusion.core.errors import ConfigError, DatasetFormatError
 from ldiffusion.data.converters._common import (
-    CONVERTERS,
     as_amount,
     check_src,
     collect_options,
@@ -38,6 +37,7 @@ from ldiffusion.data.converters._common import (
     prepare_out,
     progress_bar,
     read_rgb_mask,
+    register,
 )
 from ldiffusion.data.format import ClassInfo, DatasetInfo, find_images, read_image, read_mask
 from ldiffusion.data.splits import make_splits, split_train_val_test
@@ -106,7 +106,7 @@ def _apply_value_map(raw: np.ndarray, table: dict[int, int], path: Path, unmappe
     return out
 
 
-@CONVERTERS.register(NAME)
+@register(NAME)
 def convert(src: Path, out: Path, *, seed: int = 0, progress: bool = True, mapping: str = "",
             names: str = "", unmapped: str = "error", val: float = 0.15, test: float = 0.15,
             mpp: float | None = None, name: str = "folder") -> DatasetInfo:

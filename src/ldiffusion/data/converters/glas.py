@@ -31,7 +31,6 @@ import numpy as np
 
 from ldiffusion.core.errors import DatasetFormatError
 from ldiffusion.data.converters._common import (
-    CONVERTERS,
     as_amount,
     check_src,
     collect_options,
@@ -39,6 +38,7 @@ from ldiffusion.data.converters._common import (
     finish,
     prepare_out,
     progress_bar,
+    register,
 )
 from ldiffusion.data.format import IMAGE_SUFFIXES, ClassInfo, DatasetInfo, read_image, read_mask
 from ldiffusion.data.splits import make_splits, split_groups
@@ -78,7 +78,7 @@ def _scan(src: Path) -> dict[str, list[str]]:
     return {k: [f"{k}_{n}" for n in sorted(v)] for k, v in found.items()}
 
 
-@CONVERTERS.register(NAME)
+@register(NAME)
 def convert(src: Path, out: Path, *, seed: int = 0, progress: bool = True,
             val_fraction: float = 0.2) -> DatasetInfo:
     """Convert a GlaS release folder.

@@ -32,13 +32,13 @@ from skimage.draw import polygon as draw_polygon
 
 from ldiffusion.core.errors import DatasetFormatError
 from ldiffusion.data.converters._common import (
-    CONVERTERS,
     check_src,
     collect_options,
     find_file,
     finish,
     prepare_out,
     progress_bar,
+    register,
 )
 from ldiffusion.data.format import (
     ClassInfo,
@@ -153,7 +153,7 @@ def _convert_split(folder: Path, split: str, writer: DatasetWriter,
     return ids, with_inst
 
 
-@CONVERTERS.register(NAME)
+@register(NAME)
 def convert(src: Path, out: Path, *, seed: int = 0, progress: bool = True,
             val_images: int = 6) -> DatasetInfo:
     """Convert a MoNuSeg 2018 release folder.

@@ -31,13 +31,13 @@ import numpy as np
 
 from ldiffusion.core.errors import ConfigError, DatasetFormatError
 from ldiffusion.data.converters._common import (
-    CONVERTERS,
     check_src,
     collect_options,
     finish,
     parse_int_list,
     prepare_out,
     progress_bar,
+    register,
 )
 from ldiffusion.data.format import ClassInfo, DatasetInfo
 from ldiffusion.data.splits import make_splits
@@ -111,7 +111,7 @@ def _to_uint8(image: np.ndarray, where: str) -> np.ndarray:
     return np.rint(arr).astype(np.uint8)
 
 
-@CONVERTERS.register(NAME)
+@register(NAME)
 def convert(src: Path, out: Path, *, seed: int = 0, progress: bool = True,
             train: Any = "1", val: Any = "2", test: Any = "3") -> DatasetInfo:
     """Convert PanNuke folds.

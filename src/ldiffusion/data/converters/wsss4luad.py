@@ -27,7 +27,6 @@ import numpy as np
 
 from ldiffusion.core.errors import DatasetFormatError
 from ldiffusion.data.converters._common import (
-    CONVERTERS,
     apply_lut,
     check_src,
     collect_options,
@@ -35,6 +34,7 @@ from ldiffusion.data.converters._common import (
     finish,
     prepare_out,
     progress_bar,
+    register,
 )
 from ldiffusion.data.format import ClassInfo, DatasetInfo, DatasetWriter, find_images, read_image, read_mask
 from ldiffusion.data.splits import make_splits, split_groups
@@ -79,7 +79,7 @@ def _convert_folder(folder: Path, prefix: str, writer: DatasetWriter, progress: 
     return ids
 
 
-@CONVERTERS.register(NAME)
+@register(NAME)
 def convert(src: Path, out: Path, *, seed: int = 0, progress: bool = True,
             val_images: int = 6) -> DatasetInfo:
     """Convert the WSSS4LUAD `2.validation` and `3.testing` folders.

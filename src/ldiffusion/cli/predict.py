@@ -19,7 +19,10 @@ def register(app: typer.Typer) -> None:
         images: list[Path] = typer.Argument(None, help="Image files or folders (instead of --data)."),
         data: Path = typer.Option(None, "--data", help="Prepared data set folder."),
         split: str = typer.Option("test", "--split", help="Split of --data to predict."),
-        out: Path = typer.Option(..., "--out", help="Output folder."),
+        out: Path = typer.Option(..., "--out", help="Output folder (not the inputs' folder, not the data "
+                                 "set's images/labels)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace files in --out that an earlier "
+                                       "`predict` did not write (it always replaces its own)."),
         samples: int = typer.Option(None, "--samples", help="Draws of stochastic methods (method default)."),
         tile: int = typer.Option(None, "--tile", help="Tile side in px (default: the training crop)."),
         overlap: int = typer.Option(None, "--overlap", help="Tile overlap in px (default: tile / 4)."),
@@ -44,5 +47,6 @@ def register(app: typer.Typer) -> None:
         segmenter = load_segmenter(run, resolve_device(device), overrides=list(set_ or []))
         ids = predict_folder(segmenter, out, images=images or None, data_root=data, split=split, tile_px=tile,
                              overlap_px=overlap, batch_size=batch_size, seed=seed, n_samples=samples,
-                             save_prob=save_prob, save_uncertainty=uncertainty, progress=not no_progress)
+                             save_prob=save_prob, save_uncertainty=uncertainty, progress=not no_progress,
+                             overwrite=overwrite)
         print(f"wrote {len(ids)} class maps and overlays to {out}")

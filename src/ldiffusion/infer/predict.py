@@ -9,6 +9,7 @@ than a tile are padded (reflect) and cropped back. The tile size is rounded up t
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import sys
@@ -24,6 +25,7 @@ from ldiffusion.core.errors import InputError
 from ldiffusion.core.io import atomic_write_bytes
 from ldiffusion.core.rng import derive_seed, make_generator
 from ldiffusion.data.format import IMAGE_SUFFIXES, find_images, read_dataset_info, read_image, write_png
+from ldiffusion.infer.outputs import check_case_id, check_out_dir, claim_outputs, output_path
 from ldiffusion.methods.base import Segmenter
 
 logger = logging.getLogger(__name__)
@@ -165,6 +167,7 @@ def collect_inputs(images: Sequence[str | Path] | None = None, data_root: str | 
         info = read_dataset_info(data_root)
         palette = info.palette
         for case_id in info.ids(split):
+            check_case_id(case_id, Path(data_root) / "dataset.json")
             p = sample_path(data_root, "images", case_id)
             if p is None:
                 raise InputError(
@@ -191,11 +194,23 @@ def collect_inputs(images: Sequence[str | Path] | None = None, data_root: str | 
     return pairs, palette
 
 
+def _output_names(case_id: str, save_prob: bool, save_uncertainty: bool, segmenter: Segmenter) -> list[str]:
+    """File names `predict_folder` writes for one id."""
+    names = [f"{case_id}.png", f"{case_id}_overlay.png"]
+    if getattr(getattr(segmenter, "cfg", None), "target", "semantic") == "contour":
+        names.append(f"{case_id}_inst.png")
+    if save_prob:
+        names.append(f"{case_id}_prob.npy")
+    if save_uncertainty:
+        names.append(f"{case_id}_unc.png")
+    return names
+
+
 def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequence[str | Path] | None = None,
                    data_root: str | Path | None = None, split: str = "test", tile_px: int | None = None,
                    overlap_px: int | None = None, batch_size: int = 4, seed: int = 0,
                    n_samples: int | None = None, save_prob: bool = False, save_uncertainty: bool = False,
-                   progress: bool = True) -> list[str]:
+                   progress: bool = True, overwrite: bool = False) -> list[str]:
     """Predict every image of a data set split and/or of image files/folders into `out_dir`.
 
     Writes, per image id: `<id>.png` (uint8 class map, the format `evaluate` reads),
@@ -203,6 +218,11 @@ def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequenc
     `<id>_prob.npy` (float16 (K, H, W)) and `<id>_unc.png` (uncertainty in [0, 1] scaled to uint8).
     Each image uses its own generator seeded with `derive_seed(seed, id)`, so results do not depend
     on the order or on which other images are predicted. All writes are atomic.
+
+    Refuses (InputError, nothing written) an `out_dir` that directly holds an input image or is a
+    data set's folder / images / labels, an id that is not one file-name component, two ids whose
+    outputs share a name, and an existing file that an earlier `predict` did not write there
+    (listed in `out_dir/predict.json`) unless `overwrite`.
 
     Returns:
         The predicted ids, in order.
@@ -219,8 +239,12 @@ def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequenc
     if palette is None or len(palette) < segmenter.num_classes:
         stored = segmenter.extra_info.get("palette")
         palette = np.array(stored, dtype=np.uint8) if stored else default_palette(segmenter.num_classes)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out_dir(out_dir, [p for _, p in pairs], data_root)
+    names = [n for i, _ in pairs for n in _output_names(i, save_prob, save_uncertainty, segmenter)]
+    if len(set(names)) != len(names):
+        dup = next(n for n, c in collections.Counter(names).items() if c > 1)
+        raise InputError(f"{out / dup}: two inputs would write this file; rename one of them")
+    claim_outputs(out, names, overwrite=overwrite)
     segmenter.eval()
     done = []
     with logging_redirect_tqdm():
@@ -235,13 +259,13 @@ def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequenc
                 probs, unc = predict_image(segmenter, image, tile_px=tile_px, overlap_px=overlap_px,
                                            batch_size=batch_size, generator=gen), None
             mask = probs.argmax(0).numpy().astype(np.uint8)
-            write_png(out / f"{case_id}.png", mask)
-            write_png(out / f"{case_id}_overlay.png", overlay(image, mask, palette))
+            write_png(output_path(out, f"{case_id}.png"), mask)
+            write_png(output_path(out, f"{case_id}_overlay.png"), overlay(image, mask, palette))
             if save_prob:
-                _save_npy(out / f"{case_id}_prob.npy", probs.numpy().astype(np.float16))
+                _save_npy(output_path(out, f"{case_id}_prob.npy"), probs.numpy().astype(np.float16))
             if unc is not None:
                 u8 = np.clip(np.rint(unc.numpy() * 255), 0, 255).astype(np.uint8)
-                write_png(out / f"{case_id}_unc.png", u8)
+                write_png(output_path(out, f"{case_id}_unc.png"), u8)
             done.append(case_id)
     logger.info("wrote %d predictions to %s", len(done), out)
     return done

@@ -55,7 +55,12 @@ from ldiffusion.diffusion.timesteps import training_timesteps
 from ldiffusion.losses.contrastive import info_nce_loss, sample_pixel_vectors, standardize_features
 from ldiffusion.losses.dice import soft_dice_loss
 from ldiffusion.methods.base import MethodConfig, OptimizerSpec, Segmenter, Stage, inference_autocast
-from ldiffusion.methods.ldiffusion_features import feature_stack, feature_timesteps, generators_for
+from ldiffusion.methods.ldiffusion_features import (
+    feature_cache_path,
+    feature_stack,
+    feature_timesteps,
+    generators_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -637,7 +642,7 @@ class LDiffusionMethod(Segmenter):
         out = []
         for b, case_id in enumerate(ids):
             key = hashlib.sha1(images[b].detach().cpu().numpy().tobytes()).hexdigest()[:16]
-            path = cache / f"{case_id}_{key}.pt"
+            path = feature_cache_path(cache, case_id, key)
             if path.is_file():
                 out.append(torch.load(path, map_location=images.device, weights_only=True)[None])
                 continue

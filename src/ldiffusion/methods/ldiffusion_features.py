@@ -27,7 +27,9 @@ last k decoded maps carry gradients (a documented truncation). The encoder never
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -38,7 +40,7 @@ from ldiffusion.core.errors import ConfigError, InputError
 from ldiffusion.core.rng import derive_seed, make_generator
 from ldiffusion.diffusion.process import DiffusionProcess
 
-__all__ = ["BT601", "feature_stack", "feature_timesteps", "generators_for", "to_grey"]
+__all__ = ["BT601", "feature_cache_path", "feature_stack", "feature_timesteps", "generators_for", "to_grey"]
 
 #: ITU-R BT.601 luma weights, as used by the authors' code (PIL "L" conversion).
 BT601 = (0.2989, 0.5870, 0.1140)
@@ -47,6 +49,31 @@ FeatureMode = Literal["chain", "independent"]
 DecodeTarget = Literal["latent", "x0"]
 Backprop = Literal["full", "checkpoint", "last_k"]
 
+
+def feature_cache_path(cache_dir: str | Path, case_id: str, key: str) -> Path:
+    """Return the cache file `cache_dir/<case_id>_<key>.pt` of a tile's feature stack.
+
+    Refuses an id that is not one file-name component, so a crafted id ("../x", "/abs") can never
+    read or write outside `cache_dir`.
+
+    Raises:
+        InputError: naming the cache folder, the id and why it is not valid.
+    """
+    try:  # the data contract's id check, when this version of data/format.py has one
+        from ldiffusion.data.format import id_problem
+    except ImportError:  # pragma: no cover - older data/format.py
+        id_problem = None
+    why = id_problem(case_id) if id_problem is not None else None
+    if why is None:
+        if not isinstance(case_id, str) or not case_id or case_id in (".", ".."):
+            why = "is empty, '.' or '..'"
+        elif any(c in case_id for c in ("/", "\\", "\0")) or os.path.isabs(case_id):
+            why = "contains a path separator or NUL, or is absolute"
+    if why is not None:
+        raise InputError(
+            f"feature cache {cache_dir}: id {case_id!r} is not valid ({why}); ids must be one file name"
+        )
+    return Path(cache_dir) / f"{case_id}_{key}.pt"
 
 def to_grey(images: Tensor) -> Tensor:
     """Return BT.601 grey maps (B, 1, H, W) of RGB images (B, 3, H, W) (any range; the formula is linear).

@@ -25,6 +25,10 @@ SMALL: dict[str, tuple[dict[str, Any], Callable[[nn.Module], torch.Tensor]]] = {
         {"preset": "tiny", "in_channels": 3, "num_classes": 2},
         lambda m: m(torch.randn(2, 3, 32, 32)),
     ),
+    "res_unet": (
+        {"in_channels": 3, "num_classes": 2},
+        lambda m: m(torch.randn(2, 3, 64, 64)),
+    ),
     "autoencoder": ({"preset": "tiny"}, lambda m: m.loss(torch.rand(2, 3, 32, 32) * 2 - 1)["total"]),
     "convnext_seg": (
         {"preset": "tiny", "in_chans": 3, "num_classes": 2},

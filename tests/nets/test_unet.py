@@ -145,3 +145,15 @@ def test_tiny_train_step_is_fast(channels, size):
     assert torch.isfinite(loss)
     print(f"tiny TimeUNet train step, batch 2, {channels}x{size}x{size}: {min(times) * 1e3:.1f} ms")
     assert min(times) < 2.0
+
+
+def test_res_unet_shapes_parameters_and_divisor():
+    from ldiffusion.core.errors import InputError
+    from ldiffusion.nets import ResUNet
+
+    net = ResUNet(3, 3, encoder="resnet18")
+    n = sum(p.numel() for p in net.parameters())
+    assert 13e6 < n < 16e6  # ResNet-18 encoder (11.2 M) + U-Net decoder
+    assert net(torch.zeros(1, 3, 96, 64)).shape == (1, 3, 96, 64)
+    with pytest.raises(InputError, match="divisible by 32"):
+        net(torch.zeros(1, 3, 48, 64))

@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace files in --out that an earlier "
                                        "`predict` did not write (it always replaces its own)."),
         samples: int = typer.Option(None, "--samples", help="Draws of stochastic methods (method default)."),
-        tile: int = typer.Option(None, "--tile", help="Tile side in px (default: the training crop)."),
+        tile: int = typer.Option(None, "--tile", help="Tile side in px (default: the training crop; at least "
+                                 "512 px or the whole image up to 1024 px for the ResNet U-Net)."),
         overlap: int = typer.Option(None, "--overlap", help="Tile overlap in px (default: tile / 4)."),
         batch_size: int = typer.Option(4, "--batch-size", help="Tiles per forward pass."),
         device: str = DEVICE,
@@ -32,6 +33,8 @@ def register(app: typer.Typer) -> None:
         uncertainty: bool = typer.Option(False, "--uncertainty/--no-uncertainty",
                                          help="Also write <id>_unc.png uncertainty maps."),
         save_prob: bool = typer.Option(False, "--save-prob", help="Also write <id>_prob.npy probabilities."),
+        tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average the 8 flips / "
+                                 "90-degree rotations of every tile (8x slower)."),
         set_: list[str] = typer.Option(None, "--set",
                                        help="Inference-time config change key=value (repeatable), e.g. "
                                             "ddim_steps=6 (LDSeg), n_samples=5, precision=fp32."),
@@ -48,5 +51,5 @@ def register(app: typer.Typer) -> None:
         ids = predict_folder(segmenter, out, images=images or None, data_root=data, split=split, tile_px=tile,
                              overlap_px=overlap, batch_size=batch_size, seed=seed, n_samples=samples,
                              save_prob=save_prob, save_uncertainty=uncertainty, progress=not no_progress,
-                             overwrite=overwrite)
+                             tta=tta, overwrite=overwrite)
         print(f"wrote {len(ids)} class maps and overlays to {out}")

@@ -84,6 +84,10 @@ class SegmentationDataset(Dataset):
             instance map) and `annotated=False`.
         with_instances: also return `inst`; the data set must have `instances/<id>.png`.
         cache: keep decoded uint8 arrays in memory after the first read.
+        contour_px: when set, labels become the instance-aware 'contour' target
+            (`data.targets.contour_target`): the outer `contour_px` pixels of every object get the
+            extra class K = `info.num_classes`. Instance maps come from `instances/`; a data set
+            without them falls back (with a warning) to the connected components of each class.
 
     Raises:
         DatasetFormatError: bad `dataset.json`, unknown split, or (on access) a missing file.
@@ -98,6 +102,7 @@ class SegmentationDataset(Dataset):
         annotated_ids: set[str] | None = None,
         with_instances: bool = False,
         cache: bool = True,
+        contour_px: int | None = None,
     ) -> None:
         self.root = Path(root)
         self._info = read_dataset_info(self.root)
@@ -108,6 +113,14 @@ class SegmentationDataset(Dataset):
         self.annotated_ids = None if annotated_ids is None else set(annotated_ids)
         self.with_instances = with_instances
         self.cache = cache
+        self.contour_px = contour_px
+        if contour_px is not None:
+            missing = [i for i in self._ids if sample_path(self.root, "instances", i) is None]
+            if missing:
+                logger.warning("%d of %d images of split %r of %s have no instance map (e.g. %s): their "
+                               "contour target separates connected components only (touching objects stay "
+                               "merged)",
+                               len(missing), len(self._ids), split, self.root, missing[0])
         self.epoch = 0
         self._cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         if self.annotated_ids is not None and not self.annotated_ids & set(self._ids):
@@ -149,7 +162,12 @@ class SegmentationDataset(Dataset):
         if case_id in self._cache:
             return self._cache[case_id]
         img_path, lab_path = self._path("images", case_id), self._path("labels", case_id)
-        inst_path = self._path("instances", case_id) if self.with_instances else None
+        if self.with_instances:
+            inst_path = self._path("instances", case_id)
+        elif self.contour_px is not None:  # the contour target falls back to components when absent
+            inst_path = sample_path(self.root, "instances", case_id)
+        else:
+            inst_path = None
         try:
             image = read_image(img_path)
             label = read_mask(lab_path)
@@ -182,6 +200,8 @@ class SegmentationDataset(Dataset):
         if self.transform is not None:
             gen = make_generator(derive_seed(self.seed, self.epoch, index))
             image, label, inst = self.transform(image, label, inst, generator=gen)
+        if self.contour_px is not None:
+            label = self._contour(label, inst)
         out: dict[str, Any] = {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0),
             "label": torch.from_numpy(label.astype(np.int64)),
@@ -190,8 +210,17 @@ class SegmentationDataset(Dataset):
         }
         if not annotated:
             out["label"].fill_(IGNORE)
-        if inst is not None:
+        if inst is not None and self.with_instances:
             out["inst"] = torch.from_numpy(inst.astype(np.int64))
             if not annotated:
                 out["inst"].zero_()
         return out
+
+    def _contour(self, label: np.ndarray, inst: np.ndarray | None) -> np.ndarray:
+        """Return the contour target of one (augmented) sample: classes 0..K, K = boundary."""
+        from ldiffusion.data.targets import components_per_class, contour_target
+
+        assert self.contour_px is not None
+        if inst is None:
+            inst = components_per_class(label, ignore_index=IGNORE)
+        return contour_target(label, inst, self.contour_px, self._info.num_classes, ignore_index=IGNORE)

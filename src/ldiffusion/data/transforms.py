@@ -1,8 +1,8 @@
 """Paired image / mask augmentation driven by an explicit `torch.Generator`.
 
 Geometric operations (crop, pad, flips, 90-degree rotations) are exact pixel permutations, so
-labels and instance maps keep their value set: masks are never interpolated. Colour jitter
-touches the image only.
+labels and instance maps keep their value set: masks are never interpolated. Stain (H&E) and
+colour jitter touch the image only.
 
 Arrays are numpy, channels last: image (H, W, 3) uint8, label (H, W) integer class ids,
 inst (H, W) integer instance ids. The same generator state gives the same output.
@@ -112,6 +112,58 @@ def random_crop(
     return image[sl], label[sl], (inst[sl] if inst is not None else None)
 
 
+#: Ruifrok-Johnston stain vectors (haematoxylin, eosin, DAB), as `skimage.color.rgb_from_hed`.
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+_LOG_FLOOR = np.log(1e-6)  # skimage's scale: densities = log(rgb) / log(1e-6) @ hed_from_rgb
+
+
+def hed_perturb(image: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Scale and shift the haematoxylin, eosin and DAB densities of an RGB image.
+
+    Densities follow `skimage.color.rgb2hed` (optical density / -log(1e-6) projected on the
+    Ruifrok-Johnston stain vectors) but are not clipped at 0, so `scale = 1, shift = 0` maps the
+    image back to itself (up to uint8 rounding).
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        scale: (3,) factor per stain (H, E, D).
+        shift: (3,) offset per stain, in rgb2hed density units (MoNuSeg's mean H density is ~0.035).
+
+    Returns:
+        (H, W, 3) uint8.
+    """
+    x = np.maximum(image.astype(np.float64) / 255.0, 1e-6)
+    hed = (np.log(x) / _LOG_FLOOR) @ _HED_FROM_RGB
+    hed = hed * np.asarray(scale, dtype=np.float64) + np.asarray(shift, dtype=np.float64)
+    rgb = np.exp((hed @ _RGB_FROM_HED) * _LOG_FLOOR)
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def stain_jitter(image: np.ndarray, strength: float, bias: float, *,
+                 generator: torch.Generator) -> np.ndarray:
+    """H&E stain augmentation (Tellez et al. 2019): random per-stain scale and shift of HED densities.
+
+    For each of the three stains a factor is drawn uniformly from [1 - strength, 1 + strength] and
+    an offset from [-bias, bias] (`hed_perturb`). This mimics staining and scanner differences
+    between labs, which brightness/hue jitter alone does not.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        strength: scale range in [0, 1); 0 with `bias` 0 returns the image unchanged (no draws).
+        bias: shift range (>= 0) in rgb2hed density units.
+        generator: source of the six draws.
+
+    Returns:
+        (H, W, 3) uint8.
+    """
+    if strength <= 0 and bias <= 0:
+        return image
+    scale = np.array([_uniform(1 - strength, 1 + strength, generator) for _ in range(3)])
+    shift = np.array([_uniform(-bias, bias, generator) for _ in range(3)])
+    return hed_perturb(image, scale, shift)
+
+
 def color_jitter(image: np.ndarray, strength: float, *, generator: torch.Generator) -> np.ndarray:
     """Randomly change brightness, contrast, saturation and hue of an RGB image.
 
@@ -160,6 +212,8 @@ class TrainTransform(Config):
         flips: random horizontal and vertical flips (p = 0.5 each).
         rot90: random rotation by k * 90 degrees, k uniform in {0, 1, 2, 3}.
         color_jitter: jitter strength in [0, 1] for the image only (0 = off).
+        stain_jitter: H&E density scale range in [0, 1) (`stain_jitter`; 0 = off).
+        stain_bias: H&E density shift range (>= 0, rgb2hed units; 0 = off).
         ignore_index: label value of padded pixels.
         pad_mode: image padding when the image is smaller than `crop_px`.
     """
@@ -168,6 +222,8 @@ class TrainTransform(Config):
     flips: bool = True
     rot90: bool = True
     color_jitter: float = 0.0
+    stain_jitter: float = 0.0
+    stain_bias: float = 0.0
     ignore_index: int = 255
     pad_mode: PadMode = "reflect"
 
@@ -177,6 +233,8 @@ class TrainTransform(Config):
                 f"crop_px={self.crop_px!r} is out of range; expected a positive integer or None"
             )
         check_range("color_jitter", self.color_jitter, 0.0, 1.0)
+        check_range("stain_jitter", self.stain_jitter, 0.0, 0.99)
+        check_range("stain_bias", self.stain_bias, 0.0, 1.0)
         if self.pad_mode not in ("reflect", "constant"):
             raise ConfigError(
                 f"pad_mode={self.pad_mode!r} is not valid; choose one of ['constant', 'reflect']"
@@ -234,6 +292,8 @@ class TrainTransform(Config):
             if k:
                 image, label = np.rot90(image, k, axes=(0, 1)), np.rot90(label, k, axes=(0, 1))
                 inst = np.rot90(inst, k, axes=(0, 1)) if inst is not None else None
+        if self.stain_jitter > 0 or self.stain_bias > 0:
+            image = stain_jitter(image, self.stain_jitter, self.stain_bias, generator=generator)
         if self.color_jitter > 0:
             image = color_jitter(image, self.color_jitter, generator=generator)
         return (

@@ -2,9 +2,9 @@
 
 `predict_image` cuts an image into overlapping tiles (`tile_px`, `overlap_px`), runs
 `Segmenter.predict_proba` on batches of tiles and blends them with a Gaussian weight (centre
-weighted, nnU-Net / MONAI style, sigma = tile / 8), so tile borders leave no seams. Images smaller
-than a tile are padded (reflect) and cropped back. The tile size is rounded up to the segmenter's
-`size_divisor`.
+weighted, nnU-Net / MONAI style, sigma = tile / 8), so tile borders leave no seams
+(`methods.sliding`, shared with validation). Images smaller than a tile are padded (reflect) and
+cropped back. The tile size is rounded up to the segmenter's `size_divisor`.
 """
 
 from __future__ import annotations
@@ -19,63 +19,40 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ldiffusion.core.errors import InputError
 from ldiffusion.core.io import atomic_write_bytes
 from ldiffusion.core.rng import derive_seed, make_generator
 from ldiffusion.data.format import IMAGE_SUFFIXES, find_images, read_dataset_info, read_image, write_png
+from ldiffusion.data.targets import instances_from_contour
 from ldiffusion.infer.outputs import check_case_id, check_out_dir, claim_outputs, output_path
+from ldiffusion.infer.tiling import gaussian_weight, tile_starts
 from ldiffusion.methods.base import Segmenter
+from ldiffusion.methods.sliding import sliding_window_proba
 
 logger = logging.getLogger(__name__)
 
 
-def gaussian_weight(tile_px: int, sigma_scale: float = 1 / 8, floor: float = 1e-3) -> torch.Tensor:
-    """Return a (tile_px, tile_px) Gaussian blending weight with maximum 1 and minimum >= `floor`."""
-    c = (tile_px - 1) / 2
-    sigma = max(tile_px * sigma_scale, 1e-6)
-    x = torch.arange(tile_px, dtype=torch.float64)
-    g = torch.exp(-((x - c) ** 2) / (2 * sigma**2))
-    w = torch.outer(g, g)
-    w = w / w.max()
-    return w.clamp_min(floor).float()
-
-
-def tile_starts(size: int, tile_px: int, stride: int) -> list[int]:
-    """Return tile start offsets covering [0, size) (the last tile is flush with the end)."""
-    if size <= tile_px:
-        return [0]
-    starts = list(range(0, size - tile_px + 1, stride))
-    if starts[-1] != size - tile_px:
-        starts.append(size - tile_px)
-    return starts
-
-
-def _pad(x: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
-    if not (ph or pw):
-        return x
-    h, w = x.shape[-2:]
-    mode = "reflect" if ph < h and pw < w else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode)
-
-
-@torch.no_grad()
 def predict_image(segmenter: Segmenter, image: np.ndarray, *, tile_px: int | None = None,
                   overlap_px: int | None = None, batch_size: int = 4,
                   generator: torch.Generator | None = None, return_uncertainty: bool = False,
-                  n_samples: int | None = None) -> Any:
+                  n_samples: int | None = None, tta: bool = False) -> Any:
     """Predict class probabilities of one image with a Gaussian-blended sliding window.
+
+    The same function (`methods.sliding.sliding_window_proba`) scores the validation images during
+    training, so a model is selected on exactly this output.
 
     Args:
         segmenter: trained segmenter (its device is used).
         image: (H, W, 3) uint8 RGB.
-        tile_px: tile side (default: the method's `crop_px`), rounded up to `size_divisor`.
+        tile_px: tile side (default: `methods.sliding.default_tile_px`: the training crop, or at
+            least 512 px / the whole image for wide-context networks), rounded up to `size_divisor`.
         overlap_px: overlap between neighbouring tiles (default: tile_px // 4).
         batch_size: tiles per forward pass.
         generator: generator of stochastic methods.
         return_uncertainty: also return the blended uncertainty map.
         n_samples: draws of stochastic methods for the uncertainty (method default when None).
+        tta: test-time augmentation: average over the 8 flips / 90-degree rotations (8x slower).
 
     Returns:
         probs (K, H, W) float32 summing to 1, or `(probs, uncertainty (H, W))` with `return_uncertainty`.
@@ -85,47 +62,10 @@ def predict_image(segmenter: Segmenter, image: np.ndarray, *, tile_px: int | Non
     """
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
         raise InputError(f"expected an image (H, W, 3) uint8, got {image.shape} {image.dtype}")
-    d = max(int(getattr(segmenter, "size_divisor", 1)), 1)
-    tile = int(tile_px if tile_px is not None else segmenter.cfg.crop_px)
-    tile = -(-tile // d) * d
-    overlap = tile // 4 if overlap_px is None else int(overlap_px)
-    if not 0 <= overlap < tile:
-        raise InputError(f"overlap_px={overlap} is out of range; expected [0, tile_px={tile})")
-    if batch_size < 1:
-        raise InputError(f"batch_size={batch_size} should be >= 1")
-    stride = tile - overlap
-    device = segmenter.device
-    h, w = image.shape[:2]
-    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)[None].to(device)
-    x = _pad(x, max(tile - h, 0), max(tile - w, 0))
-    hp, wp = x.shape[-2:]
-    ys, xs = tile_starts(hp, tile, stride), tile_starts(wp, tile, stride)
-    coords = [(y, x0) for y in ys for x0 in xs]
-    weight = gaussian_weight(tile).to(device)
-    acc: torch.Tensor | None = None
-    acc_u = torch.zeros(hp, wp, device=device) if return_uncertainty else None
-    wsum = torch.zeros(hp, wp, device=device)
-    for i in range(0, len(coords), batch_size):
-        chunk = coords[i:i + batch_size]
-        tiles = torch.cat([x[..., y:y + tile, x0:x0 + tile] for y, x0 in chunk])
-        if return_uncertainty:
-            probs, unc = segmenter.predict_with_uncertainty(tiles, generator=generator, n_samples=n_samples)
-        else:
-            probs, unc = segmenter.predict_proba(tiles, generator=generator), None
-        probs = probs.float()
-        if acc is None:
-            acc = torch.zeros(probs.shape[1], hp, wp, device=device)
-        for j, (y, x0) in enumerate(chunk):
-            acc[:, y:y + tile, x0:x0 + tile] += probs[j] * weight
-            wsum[y:y + tile, x0:x0 + tile] += weight
-            if acc_u is not None and unc is not None:
-                acc_u[y:y + tile, x0:x0 + tile] += unc[j].float() * weight
-    assert acc is not None
-    probs_out = (acc / wsum)[:, :h, :w]
-    probs_out = probs_out / probs_out.sum(0, keepdim=True).clamp_min(1e-12)
-    if acc_u is not None:
-        return probs_out.cpu(), (acc_u / wsum)[:h, :w].cpu()
-    return probs_out.cpu()
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)[None]
+    return sliding_window_proba(segmenter, x, tile_px=tile_px, overlap_px=overlap_px, batch_size=batch_size,
+                                generator=generator, return_uncertainty=return_uncertainty,
+                                n_samples=n_samples, tta=tta)
 
 
 def default_palette(num_classes: int) -> np.ndarray:
@@ -210,14 +150,17 @@ def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequenc
                    data_root: str | Path | None = None, split: str = "test", tile_px: int | None = None,
                    overlap_px: int | None = None, batch_size: int = 4, seed: int = 0,
                    n_samples: int | None = None, save_prob: bool = False, save_uncertainty: bool = False,
-                   progress: bool = True, overwrite: bool = False) -> list[str]:
+                   progress: bool = True, overwrite: bool = False, tta: bool = False) -> list[str]:
     """Predict every image of a data set split and/or of image files/folders into `out_dir`.
 
     Writes, per image id: `<id>.png` (uint8 class map, the format `evaluate` reads),
     `<id>_overlay.png` (class colours over the image; data set palette when known), and on request
     `<id>_prob.npy` (float16 (K, H, W)) and `<id>_unc.png` (uncertainty in [0, 1] scaled to uint8).
     Each image uses its own generator seeded with `derive_seed(seed, id)`, so results do not depend
-    on the order or on which other images are predicted. All writes are atomic.
+    on the order or on which other images are predicted. All writes are atomic. A model trained with
+    `target="contour"` also writes `<id>_inst.png` (uint16 instances from `data.targets.
+    instances_from_contour`) and its `<id>.png` holds the data set's classes (boundary given back
+    to the objects). `tta` averages the 8 flips / rotations of every tile.
 
     Refuses (InputError, nothing written) an `out_dir` that directly holds an input image or is a
     data set's folder / images / labels, an id that is not one file-name component, two ids whose
@@ -246,6 +189,7 @@ def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequenc
         raise InputError(f"{out / dup}: two inputs would write this file; rename one of them")
     claim_outputs(out, names, overwrite=overwrite)
     segmenter.eval()
+    contour = getattr(segmenter.cfg, "target", "semantic") == "contour"
     done = []
     with logging_redirect_tqdm():
         for case_id, path in tqdm(pairs, desc="predict", file=sys.stderr, disable=not progress, leave=False):
@@ -254,11 +198,14 @@ def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequenc
             if save_uncertainty:
                 probs, unc = predict_image(segmenter, image, tile_px=tile_px, overlap_px=overlap_px,
                                            batch_size=batch_size, generator=gen, return_uncertainty=True,
-                                           n_samples=n_samples)
+                                           n_samples=n_samples, tta=tta)
             else:
                 probs, unc = predict_image(segmenter, image, tile_px=tile_px, overlap_px=overlap_px,
-                                           batch_size=batch_size, generator=gen), None
+                                           batch_size=batch_size, generator=gen, tta=tta), None
             mask = probs.argmax(0).numpy().astype(np.uint8)
+            if contour:
+                inst, mask = instances_from_contour(mask, segmenter.num_classes - 1)
+                write_png(output_path(out, f"{case_id}_inst.png"), inst.astype(np.uint16))
             write_png(output_path(out, f"{case_id}.png"), mask)
             write_png(output_path(out, f"{case_id}_overlay.png"), overlay(image, mask, palette))
             if save_prob:

@@ -33,6 +33,13 @@ from ldiffusion.core.io import save_weights, write_json
 logger = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16"]
+Target = Literal["semantic", "contour"]
+
+#: Stain and colour augmentation of the `small` and `paper` presets of every method (off in `tiny`):
+#: H&E density scale 1 +- 0.3 and shift +- 0.03 (about the mean haematoxylin density of MoNuSeg
+#: training tiles), then brightness/contrast/saturation/hue jitter 0.2. Chosen to cover the stain
+#: spread between labs, not tuned on any test set (docs/methods.md).
+STAIN_AUGMENTATION: dict[str, float] = {"stain_jitter": 0.3, "stain_bias": 0.03, "color_jitter": 0.2}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,6 +69,13 @@ class MethodConfig(Config):
         max_minutes: wall-clock budget per stage; the stage stops cleanly (checkpointed) when spent.
         grad_clip: clip the gradient norm of each optimiser's parameters (None = off).
         flips, rot90, color_jitter: training augmentation.
+        stain_jitter, stain_bias: H&E stain augmentation (`data.transforms.stain_jitter`): density
+            scale range and shift range; 0 = off.
+        target: "semantic" learns the data set's class map; "contour" (instance data sets) adds a
+            class "boundary" for the outer `boundary_px` pixels of every object, so touching objects
+            are separated by a predicted boundary (`data.targets`); predictions then carry instance
+            maps built by marker-controlled watershed from the object interiors.
+        boundary_px: width of the boundary band of `target="contour"`, in pixels.
         num_workers: DataLoader workers (0 = in-process).
     """
 
@@ -82,6 +96,10 @@ class MethodConfig(Config):
     flips: bool = True
     rot90: bool = True
     color_jitter: float = 0.0
+    stain_jitter: float = 0.0
+    stain_bias: float = 0.0
+    target: Target = "semantic"
+    boundary_px: int = 2
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -96,6 +114,9 @@ class MethodConfig(Config):
         check_range("n_samples", self.n_samples, 1)
         check_range("num_workers", self.num_workers, 0)
         check_range("color_jitter", self.color_jitter, 0.0, 1.0)
+        check_range("stain_jitter", self.stain_jitter, 0.0, 0.99)
+        check_range("stain_bias", self.stain_bias, 0.0, 1.0)
+        check_range("boundary_px", self.boundary_px, 1, 64)
         if self.max_minutes is not None:
             check_range("max_minutes", self.max_minutes, 0.0, lo_open=True)
         if self.grad_clip is not None:
@@ -277,6 +298,9 @@ class Segmenter(Trainable):
     score_name: ClassVar[str] = "val_dice"
     #: H and W of the network input must be multiples of this (the tile predictor pads to it).
     size_divisor: int = 1
+    #: the network's receptive field exceeds its training crop: predict with larger tiles
+    #: (`methods.sliding.default_tile_px`).
+    wide_context: bool = False
 
     @abstractmethod
     def predict_proba(self, images: torch.Tensor, *,
@@ -305,14 +329,18 @@ class Segmenter(Trainable):
 
     def validation_score(self, batches: Iterable[dict[str, Any]], generator: torch.Generator,
                          stage: str) -> float:
-        """Mean foreground Dice of argmax(predict_proba) over the validation set (dataset-level)."""
-        from ldiffusion.train.validation import DiceAccumulator, pad_to_multiple
+        """Mean foreground Dice over the validation set (dataset-level), predicted as `predict` does.
+
+        Each image goes through `methods.sliding.sliding_window_proba` with its default tile, the
+        path of `ldiffusion predict`, so validation ranks exactly the output a user gets.
+        """
+        from ldiffusion.methods.sliding import sliding_window_proba
+        from ldiffusion.train.validation import DiceAccumulator
 
         acc = DiceAccumulator(self.num_classes)
         with torch.no_grad():
             for batch in batches:
-                images = batch["image"].to(self.device)
-                padded, (h, w) = pad_to_multiple(images, self.size_divisor)
-                probs = self.predict_proba(padded, generator=generator)[..., :h, :w]
-                acc.update(probs.argmax(1), batch["label"].to(probs.device))
+                for image, label in zip(batch["image"], batch["label"], strict=True):
+                    probs = sliding_window_proba(self, image[None], generator=generator)
+                    acc.update(probs.argmax(0)[None], label[None].cpu())
         return acc.mean_foreground_dice()

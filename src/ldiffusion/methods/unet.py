@@ -1,16 +1,21 @@
-"""The U-Net baseline (`"unet"`): `nets.SegUNet` trained with cross-entropy + soft Dice, Adam."""
+"""The U-Net baseline (`"unet"`): a U-Net trained with cross-entropy + soft Dice, Adam.
+
+`encoder="plain"` is the Ronneberger-style `nets.SegUNet` (the `tiny` preset); `encoder="resnet18"`
+(the `small` and `paper` presets) is `nets.ResUNet`, a ResNet-18-encoder U-Net with 5 levels down
+to 1/32, the layout of the library U-Nets that pathology groups use as their baseline.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
 from ldiffusion.core.config import check_range
 from ldiffusion.losses.dice import soft_dice_loss
-from ldiffusion.methods.base import MethodConfig, Segmenter, inference_autocast
+from ldiffusion.methods.base import STAIN_AUGMENTATION, MethodConfig, Segmenter, inference_autocast
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -18,12 +23,15 @@ class UNetConfig(MethodConfig):
     """U-Net baseline config.
 
     Attributes:
-        base: channels of the first level (doubled per level).
-        depth: number of resolution levels (H, W must be multiples of 2**(depth-1)).
+        encoder: "plain" (`SegUNet`, sized by `base` and `depth`) or "resnet18" / "resnet34"
+            (`ResUNet`; `base` and `depth` unused).
+        base: channels of the first level (doubled per level) of the plain U-Net.
+        depth: number of resolution levels of the plain U-Net (H, W multiples of 2**(depth-1)).
         ce_weight: weight of the cross-entropy term.
         dice_weight: weight of the soft Dice term (classes present, background excluded).
     """
 
+    encoder: Literal["plain", "resnet18", "resnet34"] = "plain"
     base: int = 8
     depth: int = 3
     ce_weight: float = 1.0
@@ -45,20 +53,27 @@ class UNetMethod(Segmenter):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"base": 8, "depth": 3, "crop_px": 64, "batch_size": 4, "lr": 3e-3, "steps": 60,
                  "val_every": 20, "ckpt_every": 20},
-        "small": {"precision": "auto", "base": 32, "depth": 4, "crop_px": 256, "batch_size": 8, "lr": 1e-3,
-                  "steps": 2000, "val_every": 200, "ckpt_every": 200},
-        "paper": {"precision": "auto", "base": 64, "depth": 5, "crop_px": 512, "batch_size": 16, "lr": 1e-3,
-                  "steps": 20000, "val_every": 1000, "ckpt_every": 1000},
+        "small": {"precision": "auto", "encoder": "resnet18", "crop_px": 256, "batch_size": 8, "lr": 1e-3,
+                  "steps": 2000, "val_every": 100, "ckpt_every": 100, **STAIN_AUGMENTATION},
+        "paper": {"precision": "auto", "encoder": "resnet18", "crop_px": 512, "batch_size": 16, "lr": 1e-3,
+                  "steps": 20000, "val_every": 1000, "ckpt_every": 1000, **STAIN_AUGMENTATION},
     }
 
     def __init__(self, cfg: MethodConfig, num_classes: int, in_channels: int = 3,
                  class_names: list[str] | None = None) -> None:
         super().__init__(cfg, num_classes, in_channels, class_names)
-        from ldiffusion.nets import SegUNet
+        from ldiffusion.nets import ResUNet, SegUNet
 
         assert isinstance(cfg, UNetConfig)
-        self.net = SegUNet(in_channels=in_channels, num_classes=num_classes, base=cfg.base, depth=cfg.depth)
-        self.size_divisor = 2 ** (cfg.depth - 1)
+        self.net: torch.nn.Module
+        if cfg.encoder == "plain":
+            self.net = SegUNet(in_channels=in_channels, num_classes=num_classes, base=cfg.base,
+                               depth=cfg.depth)
+            self.size_divisor = 2 ** (cfg.depth - 1)
+        else:
+            self.net = ResUNet(in_channels=in_channels, num_classes=num_classes, encoder=cfg.encoder)
+            self.size_divisor = ResUNet.divisor
+            self.wide_context = True
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Return logits (B, K, H, W) for images (B, C, H, W) in [0, 1]."""

@@ -6,6 +6,7 @@ Every registered constructor takes keyword arguments only, accepts ``preset="tin
 Registered names:
     ``"time_unet"`` `TimeUNet` (needs ``in_channels``, ``out_channels``),
     ``"seg_unet"`` `SegUNet` (``in_channels``, ``num_classes``),
+    ``"res_unet"`` `ResUNet` (``in_channels``, ``num_classes``, ``encoder``; no presets),
     ``"autoencoder"`` `Autoencoder` (presets tiny, small),
     ``"convnext_seg"`` `ConvNeXtSegmenter` (``in_chans``, ``num_classes``),
     ``"timm_seg"`` `TimmSegmenter` (``backbone_name``, ``in_chans``, ``num_classes``; needs the timm extra).
@@ -27,6 +28,7 @@ from ldiffusion.nets.autoencoder import (
     load_diffusers_autoencoder,
 )
 from ldiffusion.nets.convnext_seg import ConvNeXtEncoder, ConvNeXtSegmenter, TimmSegmenter, convnext_preset
+from ldiffusion.nets.res_unet import ResUNet
 from ldiffusion.nets.seg_unet import SegUNet, seg_unet_preset
 from ldiffusion.nets.unet import TimeUNet, unet_preset
 
@@ -37,6 +39,7 @@ __all__ = [
     "ConvNeXtSegmenter",
     "DiagonalGaussian",
     "DiffusersAutoencoder",
+    "ResUNet",
     "SegUNet",
     "TimeUNet",
     "TimmSegmenter",
@@ -67,6 +70,11 @@ def _time_unet(*, preset: str | None = None, **kwargs: Any) -> nn.Module:
 @NETS.register("seg_unet")
 def _seg_unet(*, preset: str | None = None, **kwargs: Any) -> nn.Module:
     return SegUNet(**_with_preset(seg_unet_preset, preset, kwargs))
+
+
+@NETS.register("res_unet")
+def _res_unet(**kwargs: Any) -> nn.Module:
+    return ResUNet(**kwargs)
 
 
 @NETS.register("autoencoder")

@@ -1,0 +1,80 @@
+"""The contour target: instances -> K + 1 classes -> instances (marker-controlled watershed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ldiffusion.core.errors import InputError
+from ldiffusion.data.targets import components_per_class, contour_target, instances_from_contour
+from ldiffusion.eval.instance import aji
+
+
+def _disc(shape, cy, cx, r):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when a and b label the same pixel sets (ids may differ)."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    pairs = {(int(x), int(y)) for x, y in zip(a[a > 0], b[b > 0], strict=True)}
+    return len(pairs) == len({p[0] for p in pairs}) == len({p[1] for p in pairs})
+
+
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_separated_objects_round_trip_exactly(width):
+    shape = (64, 64)
+    inst = np.zeros(shape, np.int32)
+    for k, (cy, cx, r) in enumerate([(12, 12, 7), (40, 20, 9), (20, 48, 6), (50, 50, 8)], start=1):
+        inst[_disc(shape, cy, cx, r)] = k
+    label = (inst > 0).astype(np.uint8)
+    target = contour_target(label, inst, width, boundary_class=2)
+    assert set(np.unique(target)) == {0, 1, 2}
+    assert (target[inst == 0] == 0).all()
+    out, semantic = instances_from_contour(target, boundary_class=2, min_size=0)
+    assert _same_partition(inst, out)
+    assert np.array_equal(semantic, label)
+
+
+def test_two_touching_discs_are_split():
+    shape = (48, 64)
+    a, b = _disc(shape, 24, 22, 11), _disc(shape, 24, 42, 11)
+    inst = np.zeros(shape, np.int32)
+    inst[a] = 1
+    inst[b & ~a] = 2
+    label = (inst > 0).astype(np.uint8)
+    # the semantic map alone merges them into one component
+    assert components_per_class(label).max() == 1
+    target = contour_target(label, inst, 2, boundary_class=2)
+    assert (target[24, 32:36] == 2).all()  # 2 px either side of the line where the discs meet
+    out, _ = instances_from_contour(target, boundary_class=2, min_size=0)
+    assert out.max() == 2
+    assert aji(inst, out) > 0.95
+
+
+def test_multi_class_instances_keep_their_class():
+    shape = (40, 40)
+    inst = np.zeros(shape, np.int32)
+    label = np.zeros(shape, np.uint8)
+    for k, (cy, cx, cls) in enumerate([(10, 10, 1), (28, 28, 3), (10, 30, 2)], start=1):
+        m = _disc(shape, cy, cx, 6)
+        inst[m], label[m] = k, cls
+    target = contour_target(label, inst, 1, boundary_class=4)
+    out, semantic = instances_from_contour(target, boundary_class=4, min_size=0)
+    assert out.max() == 3
+    assert np.array_equal(semantic, label)
+
+
+def test_ignore_pixels_stay_ignored_and_bad_input_is_refused():
+    inst = np.zeros((16, 16), np.int32)
+    inst[4:12, 4:12] = 1
+    label = (inst > 0).astype(np.uint8)
+    label[4, 4:12] = 255
+    target = contour_target(label, inst, 1, boundary_class=2)
+    assert (target[4, 4:12] == 255).all()
+    with pytest.raises(InputError, match="differ in size"):
+        contour_target(label, inst[:8], 1, 2)
+    with pytest.raises(InputError, match="boundary_px"):
+        contour_target(label, inst, 0, 2)

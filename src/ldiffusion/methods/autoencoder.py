@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ldiffusion.methods.base import MethodConfig, OptimizerSpec, Stage, Trainable
+from ldiffusion.methods.base import STAIN_AUGMENTATION, MethodConfig, OptimizerSpec, Stage, Trainable
 from ldiffusion.train.validation import pad_to_multiple, psnr
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class AutoencoderMethod(Trainable):
         "tiny": {"ae": "tiny", "crop_px": 64, "batch_size": 4, "lr": 2e-3, "steps": 100, "val_every": 50,
                  "ckpt_every": 50, "grad_clip": 1.0, "rot90": True, "flips": True},
         "small": {"precision": "auto", "ae": "small", "crop_px": 128, "batch_size": 8, "lr": 1e-3,
-                  "steps": 3000, "val_every": 500, "ckpt_every": 500},
+                  "steps": 3000, "val_every": 500, "ckpt_every": 500, **STAIN_AUGMENTATION},
     }
 
     def __init__(self, cfg: MethodConfig, num_classes: int, in_channels: int = 3,

@@ -56,7 +56,14 @@ from ldiffusion.core.config import check_range
 from ldiffusion.core.errors import ConfigError, InputError
 from ldiffusion.core.rng import make_generator
 from ldiffusion.diffusion.samplers.vp_posterior import VPPosterior
-from ldiffusion.methods.base import MethodConfig, OptimizerSpec, Segmenter, Stage, inference_autocast
+from ldiffusion.methods.base import (
+    STAIN_AUGMENTATION,
+    MethodConfig,
+    OptimizerSpec,
+    Segmenter,
+    Stage,
+    inference_autocast,
+)
 from ldiffusion.nets.cdal import CDALDiscriminator, CDALGenerator, cdal_preset
 
 logger = logging.getLogger(__name__)
@@ -221,10 +228,10 @@ class CDALMethod(Segmenter):
         "tiny": _preset("tiny", **_SHARED_TRAINING, T=2, lazy_r1=2, steps=30, n_samples=2, attn_scale=16,
                         val_every=10, ckpt_every=10),
         "small": _preset("small", **_SHARED_TRAINING, precision="auto", T=2, lazy_r1=10, steps=300,
-                         n_samples=5, attn_scale=32, val_every=100, ckpt_every=100),
+                         n_samples=5, attn_scale=32, val_every=100, ckpt_every=100, **STAIN_AUGMENTATION),
         # MoNuSeg column: 12000 epochs x 7 iterations; the cosine LR decay of the code is not applied.
         "paper": _preset("paper", **_SHARED_TRAINING, precision="auto", T=4, lazy_r1=10, steps=84000,
-                         n_samples=5, attn_scale=32, val_every=700, ckpt_every=700),
+                         n_samples=5, attn_scale=32, val_every=700, ckpt_every=700, **STAIN_AUGMENTATION),
     }
 
     def __init__(self, cfg: MethodConfig, num_classes: int, in_channels: int = 3,

@@ -54,6 +54,7 @@ from ldiffusion.diffusion.schedules import (
 from ldiffusion.diffusion.timesteps import training_timesteps
 from ldiffusion.losses.contrastive import info_nce_loss, sample_pixel_vectors, standardize_features
 from ldiffusion.losses.dice import soft_dice_loss
+from ldiffusion.methods import base as _base
 from ldiffusion.methods.base import MethodConfig, OptimizerSpec, Segmenter, Stage, inference_autocast
 from ldiffusion.methods.ldiffusion_features import (
     feature_cache_path,
@@ -268,6 +269,7 @@ _SMALL: dict[str, Any] = {
     "seg_steps": 400,
     "val_every": 100,
     "ckpt_every": 100,
+    **_base.STAIN_AUGMENTATION,
 }
 _PAPER: dict[str, Any] = {
     "precision": "auto",
@@ -291,6 +293,7 @@ _PAPER: dict[str, Any] = {
     "seg_epochs": 50,
     "val_every": 1000,
     "ckpt_every": 500,
+    **_base.STAIN_AUGMENTATION,
 }
 
 

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from ldiffusion.core.config import check_range
 from ldiffusion.core.errors import ConfigError, InputError
 from ldiffusion.core.rng import derive_seed, make_generator
-from ldiffusion.methods.base import MethodConfig, Segmenter, inference_autocast
+from ldiffusion.methods.base import STAIN_AUGMENTATION, MethodConfig, Segmenter, inference_autocast
 from ldiffusion.nets.ldseg import LDSEG_SIZE_DIVISOR, build_ldseg_nets, check_ldseg_input, ldseg_preset
 
 logger = logging.getLogger(__name__)
@@ -288,10 +288,10 @@ class LDSegSegmenter(Segmenter):
                  "ckpt_every": 50, "ema": None, "dropout": 0.0, "uncertainty_samples": 4},
         "small": {**_SHARED_TRAINING, "precision": "auto", "arch": "small", "crop_px": 256, "steps": 660,
                   "epochs": 30, "val_every": 66, "ckpt_every": 66, "ema": 0.99, "dropout": 0.2,
-                  "uncertainty_samples": 10},
+                  "uncertainty_samples": 10, **STAIN_AUGMENTATION},
         "paper": {**_SHARED_TRAINING, "precision": "auto", "arch": "paper", "crop_px": 512, "steps": 53000,
                   "epochs": 2500, "val_every": 2120, "ckpt_every": 2120, "ema": 0.999, "dropout": 0.2,
-                  "uncertainty_samples": 100},
+                  "uncertainty_samples": 100, **STAIN_AUGMENTATION},
     }
 
     def __init__(self, cfg: MethodConfig, num_classes: int, in_channels: int = 3,

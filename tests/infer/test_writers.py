@@ -139,3 +139,19 @@ def test_stats_and_overlay(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "o.png").size == (50, 50)
+
+
+def test_contour_geojson_one_polygon_per_object_grown_over_the_boundary(tmp_path):
+    from ldiffusion.data.targets import contour_target
+
+    inst = np.zeros((40, 60), np.int32)
+    inst[10:30, 8:30] = 1
+    inst[10:30, 30:52] = 2  # touching rectangles: one component in a plain class map
+    labels = contour_target((inst > 0).astype(np.uint8), inst, 2, boundary_class=2)
+    path = tmp_path / "a.geojson"
+    pal = np.array([[0, 0, 0], [255, 0, 0], [255, 255, 255]], np.uint8)
+    counts = write_geojson(path, labels, ["background", "nucleus", "boundary"], pal, skip=(0, 2), grow_px=2)
+    assert counts == {"nucleus": 2}
+    feats = json.loads(path.read_text())["features"]
+    areas = sorted(shapely.geometry.shape(f["geometry"]).area for f in feats)
+    assert areas == [20 * 22, 20 * 22]  # interiors (16 x 18) grown by 2 px give the objects back

@@ -287,6 +287,7 @@ def write_geojson(
     skip: Sequence[int] = (0,),
     block_px: int = 2048,
     object_type: str = "annotation",
+    grow_px: int = 0,
 ) -> dict[str, int]:
     """Write a QuPath GeoJSON FeatureCollection with one polygon Feature per object of each class.
 
@@ -299,6 +300,9 @@ def write_geojson(
             the slide bounds for QuPath, which shows bounded slides cropped).
         skip: class ids not written (background).
         block_px: vectorisation block side.
+        grow_px: grow every polygon by this many label pixels (mitred, so pixel-edge polygons keep
+            integer corners): a model trained with the contour target predicts object interiors
+            separated by a boundary band of this width, and its objects are the grown interiors.
 
     Returns:
         Number of features per class name.
@@ -309,6 +313,8 @@ def write_geojson(
         f.write('{"type": "FeatureCollection", "features": [')
         first = True
         for c, poly in iter_class_polygons(labels, classes, block_px=block_px):
+            if grow_px > 0:
+                poly = poly.buffer(grow_px, join_style="mitre")
             feat = polygon_feature(
                 poly, class_names[c], palette[c], scale=scale, offset=offset, object_type=object_type
             )

@@ -90,7 +90,8 @@ class SegmentationDataset(Dataset):
             without them falls back (with a warning) to the connected components of each class.
 
     Raises:
-        DatasetFormatError: bad `dataset.json`, unknown split, or (on access) a missing file.
+        DatasetFormatError: bad `dataset.json`, unknown split, an id of the split without an image
+            file, or (on access) another missing file.
     """
 
     def __init__(
@@ -108,6 +109,14 @@ class SegmentationDataset(Dataset):
         self._info = read_dataset_info(self.root)
         self.split = split
         self._ids = self._info.ids(split)
+        missing = [i for i in self._ids if sample_path(self.root, "images", i) is None]
+        if missing:
+            more = f" ({len(missing) - 1} more ids of the split have no image)" if len(missing) > 1 else ""
+            raise DatasetFormatError(
+                f"{self.root / 'dataset.json'}: split {split!r} lists id {missing[0]!r} but "
+                f"{self.root / 'images' / missing[0]}.png does not exist{more}; run `ldiffusion data check "
+                f"{self.root}`"
+            )
         self.transform = transform
         self.seed = int(seed)
         self.annotated_ids = None if annotated_ids is None else set(annotated_ids)

@@ -10,7 +10,7 @@ PIP_OPTS ?= --disable-pip-version-check
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(PIP_OPTS) -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install $(PIP_OPTS) -q -c constraints.txt -e ".[dev,slides,dask,plot]"
+	$(BIN)/pip install $(PIP_OPTS) -q -c constraints.txt -e ".[dev,slides,dask,plot,view]"
 	touch $(STAMP)
 
 venv: $(STAMP)

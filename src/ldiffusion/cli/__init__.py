@@ -48,7 +48,7 @@ def _root(
 app.add_typer(data_cmd.app, name="data")
 evaluate_cmd.register(app)
 
-for _mod in ("train", "predict", "slide", "bench"):
+for _mod in ("train", "predict", "slide", "bench", "view"):
     try:  # each command module exposes register(app); a module not yet present is not offered
         importlib.import_module(f"ldiffusion.cli.{_mod}").register(app)
     except ModuleNotFoundError as _e:

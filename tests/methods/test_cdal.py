@@ -351,3 +351,102 @@ def test_e2e_tiny_synthetic_dice(synth_root, tmp_path):
     assert acc_bg.mean_foreground_dice() == 0.0
     assert dice > 0.8, f"foreground Dice {dice:.3f} (measured 0.96)"
     assert time.process_time() - t0 < 180  # CPU seconds (wall time depends on machine load)
+
+
+# ---------------------------------------------------------------------------------------------- issue 20
+def test_class_balance_keys_are_validated_by_name():
+    for over, key in [({"class_weights": "median"}, "class_weights"),
+                      ({"class_weight_max": 0.5}, "class_weight_max"), ({"aux_ce": -1.0}, "aux_ce"),
+                      ({"aux_dice": -0.1}, "aux_dice"),
+                      ({"aux_temperature": 0.0}, "aux_temperature")]:
+        with pytest.raises(ConfigError, match=key):
+            _cfg(**over)
+    paper = CDALConfig.from_dict({**CDALMethod.presets["paper"], "preset": "paper"})
+    assert paper.class_weights == "none" and paper.aux_ce == 0.0 and paper.aux_dice == 0.0
+    small = CDALConfig.from_dict({**CDALMethod.presets["small"], "preset": "small"})
+    assert small.class_weights == "inverse_freq" and small.class_weight_max == 10.0 and small.aux_dice == 1.0
+
+
+def test_class_counts_accumulate_and_weights_follow_them():
+    m = _method(crop_px=32, attn_scale=8, class_weights="inverse_freq", class_weight_max=4.0)
+    assert m.class_counts is not None and "class_counts" in m.state_dict()
+    assert "class_counts" not in m.inference_state_dict()
+    assert _method(crop_px=32, attn_scale=8).class_counts is None  # paper setting: no buffer at all
+    y = torch.zeros(1, 4, 4, dtype=torch.long)
+    y[0, 0, :2] = 1  # 2 px of class 1
+    y[0, 3, 3] = 255
+    m.update_class_counts(y)  # class 0: 13, class 1: 2
+    m.update_class_counts(torch.full((1, 1, 1), 2))  # class 2: 1
+    assert m.class_counts.tolist() == [13.0, 2.0, 1.0, 0.0, 0.0]
+    w = m.class_weight_vector()
+    # f = 13/16, 2/16, 1/16; K' = 3: w = 16/39, 16/6 = 2.667, 16/3 = 5.33 -> clipped to 4; absent -> 4
+    assert w.tolist() == pytest.approx([16 / 39, 16 / 6, 4.0, 4.0, 4.0], rel=1e-6)
+
+
+class _ZeroGenerator(torch.nn.Module):
+    """Stand-in generator predicting x̂0 = 0, so every annotated squared error is exactly 1."""
+
+    def forward(self, x, t, z, image):
+        return torch.zeros_like(x)
+
+
+def test_weighted_mse_multiplies_each_pixel_by_its_class_weight():
+    kw = {"crop_px": 32, "attn_scale": 8, "use_attention": False}
+    plain, weighted = _method(**kw), _method(**kw, class_weights="inverse_freq", class_weight_max=4.0)
+    plain.gen = _ZeroGenerator()
+    weighted.gen = _ZeroGenerator()
+    batch = _batch()
+    x0, valid = plain.encode_labels(batch["label"])
+    image = plain.preprocess(batch["image"])
+    g_plain = plain.generator_loss(x0, valid, image, _gen(5), label=batch["label"])["g"]
+    assert float(g_plain) == pytest.approx(1.0)
+    weighted.class_counts.copy_(torch.tensor([13.0, 2.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    w = torch.tensor([16 / 39, 16 / 6, 4.0, 4.0, 4.0])
+    lab = batch["label"]
+    expect = float(w[lab[lab != 255]].mean())  # mean class weight over the annotated pixels
+    out = weighted.generator_loss(x0, valid, image, _gen(5), label=lab)
+    assert float(out["g"]) == pytest.approx(expect, rel=1e-5)
+    assert float(out["log/w_max"]) == pytest.approx(4.0)
+    # without labels (a caller of the old signature) the loss is the paper's plain MSE
+    assert float(weighted.generator_loss(x0, valid, image, _gen(5))["g"]) == pytest.approx(1.0)
+    # weights of the batch's own counts average to 1 over its pixels: the loss scale is unchanged
+    weighted.class_counts.zero_()
+    weighted.update_class_counts(lab)
+    g_own = weighted.generator_loss(x0, valid, image, _gen(5), label=lab)["g"]
+    assert float(g_own) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_aux_losses_are_added_and_logged():
+    kw = {"crop_px": 32, "attn_scale": 8}
+    base = _method(**kw).training_step(_batch(), _gen(0), "main")
+    m = _method(**kw, aux_ce=0.5, aux_dice=1.0, class_weights="inverse_freq")
+    out = m.training_step(_batch(), _gen(0), "main")
+    assert {"log/aux_ce", "log/aux_dice", "log/w_max"} <= set(out)
+    assert float(out["log/aux_ce"]) > 0 and 0 < float(out["log/aux_dice"]) <= 1
+    assert float(out["g"].detach()) > float(base["g"].detach())
+    out["g"].backward()
+    assert torch.isfinite(out["g"])
+
+
+def test_binary_class_logits_follow_polarity():
+    m = _method(num_classes=2, crop_px=32, attn_scale=8)
+    x = torch.tensor([0.5, -0.5]).view(1, 1, 1, 2)
+    lg = m.class_logits(x)
+    assert lg.shape == (1, 2, 1, 2) and lg.argmax(1).tolist() == [[[1, 0]]]
+    assert torch.allclose(lg[:, 1], x[:, 0] / 0.25)
+    inv = _method(num_classes=2, crop_px=32, attn_scale=8, invert_labels=True)
+    assert inv.class_logits(x).argmax(1).tolist() == [[[0, 1]]]
+
+
+def test_fit_resume_with_class_balance_matches_uninterrupted_run(synth_root, tmp_path):
+    kw = {"crop_px": 32, "attn_scale": 8, "steps": 3, "val_every": 0, "ckpt_every": 1, "n_samples": 1,
+          "class_weights": "inverse_freq", "aux_ce": 0.5, "aux_dice": 1.0}
+    a = _method(**kw)
+    _fit(a, synth_root, tmp_path / "a", 32)
+    b = _method(**kw)
+    assert not _fit(b, synth_root, tmp_path / "b", 32, max_steps=2).finished
+    b = _method(**kw)
+    _fit(b, synth_root, tmp_path / "b", 32, resume=True)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert float(sb["class_counts"].sum()) > 0 and int(sb["train_steps"]) == 3

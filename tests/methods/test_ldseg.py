@@ -287,3 +287,71 @@ def test_tiny_run_on_synthetic_data_beats_background(synth_root, tmp_path):
     assert res.finished and (tmp_path / "run" / "model.safetensors").is_file()
     assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20
     assert dice > 0.2, (dice, acc.dice())  # measured 0.268 (seed 0, 100 steps)
+
+
+# ------------------------------------------------------------------- issue 20: stride, LR decay, Table V
+@pytest.mark.parametrize("stride", [16, 8, 4])
+def test_training_latent_follows_the_stride_key(stride):
+    m = make(latent_stride=stride)
+    assert m.size_divisor == 4 * stride
+    out = m.forward_train(batch(2)["image"], batch(2)["label"], torch.Generator().manual_seed(0))
+    for key in ("z0", "zi", "zt", "eps", "eps_hat", "zdn"):
+        assert out[key].shape == (2, 1, 64 // stride, 64 // stride), key
+    assert out["logits"].shape == (2, K, 64, 64)
+    p = m.eval().predict_proba(batch(2)["image"][:1], generator=torch.Generator().manual_seed(0))
+    assert p.shape == (1, K, 64, 64)
+
+
+def test_new_keys_are_validated_by_name():
+    for over, key in [({"latent_stride": 2}, "latent_stride"), ({"latent_stride": "8"}, "latent_stride"),
+                      ({"lr_decay": 0.0}, "lr_decay"), ({"lr_decay": 1.5}, "lr_decay"),
+                      ({"label_downsampler": "pool"}, "label_downsampler"),
+                      ({"image_downsampler": "learned"}, "image_downsampler"),
+                      ({"latent_stride": 4, "crop_px": 40}, "crop_px=40")]:
+        with pytest.raises(ConfigError, match=key):
+            LDSegConfig.from_dict({**LDSegSegmenter.presets["tiny"], **over})
+    LDSegConfig.from_dict({**LDSegSegmenter.presets["tiny"], "latent_stride": 4, "crop_px": 48})  # 3 x 16
+
+
+def test_lr_decay_formula_and_presets():
+    from ldiffusion.methods.ldseg import lr_decay_multiplier
+
+    # lr(step) = lr * decay ** floor(step / steps_per_epoch); 10 steps per epoch, decay 0.9
+    assert lr_decay_multiplier(0, 10, 0.9) == 1.0
+    assert lr_decay_multiplier(19, 10, 0.9) == pytest.approx(0.9)
+    assert lr_decay_multiplier(35, 10, 0.9) == pytest.approx(0.729)
+    m = make(lr_decay=0.5)
+    assert m.lr_multiplier("main", 7, 3) == 0.25
+    decays = [LDSegSegmenter.presets[p].get("lr_decay", 1.0) for p in ("tiny", "small", "paper")]
+    assert decays == [1.0, 0.95, 0.999]
+
+
+def test_fit_applies_the_lr_decay_per_epoch(synth_root, tmp_path):
+    from ldiffusion.data.dataset import SegmentationDataset
+    from ldiffusion.data.transforms import TrainTransform
+    from ldiffusion.train.loop import fit
+
+    train = SegmentationDataset(synth_root, "train", transform=TrainTransform(crop_px=64), seed=0)
+    per_epoch = len(train) // 4
+    assert per_epoch >= 2
+    d = {**LDSegSegmenter.presets["tiny"], "steps": 2 * per_epoch + 1, "batch_size": 4, "lr": 1e-3,
+         "lr_decay": 0.5, "val_every": 0, "ckpt_every": 50}
+    m = LDSegSegmenter(LDSegConfig.from_dict(d), num_classes=5)
+    fit(m, train, None, tmp_path / "run", progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"]["model"] for r in recs if r["type"] == "step"}  # rate of step `step` (1-based)
+    for step in (1, per_epoch + 1, 2 * per_epoch + 1):
+        assert lrs[step] == pytest.approx(1e-3 * 0.5 ** ((step - 1) // per_epoch)), (step, lrs)
+    assert lrs[per_epoch] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(("label_ds", "image_ds"), [("nearest", "nearest"), ("encoder", "nearest"),
+                                                    ("nearest", "encoder")])
+def test_table_v_rows_train_and_predict(label_ds, image_ds):
+    m = make(label_downsampler=label_ds, image_downsampler=image_ds)
+    out = m.training_step(batch(2), torch.Generator().manual_seed(0), "main")
+    assert torch.isfinite(out["model"])
+    out["model"].backward()
+    assert m.decoder.out.weight.grad is not None
+    p = m.eval().predict_proba(batch(2)["image"][:1], generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(p.sum(1), torch.ones(1, 64, 64))

@@ -119,3 +119,73 @@ def test_decoder_outputs_logits_at_full_resolution():
     assert dec(torch.randn(2, 1, 4, 4)).shape == (2, 4, 64, 64)
     with pytest.raises(InputError):
         dec(torch.randn(2, 2, 4, 4))
+
+
+# ------------------------------------------------------------------- latent stride, Table V (issue 20)
+@pytest.mark.parametrize("stride", [16, 8, 4])
+def test_latent_shape_follows_the_stride(stride):
+    from ldiffusion.nets.ldseg import ldseg_size_divisor
+
+    torch.manual_seed(0)
+    k, size = 3, 64
+    nets = build_ldseg_nets(ldseg_preset("tiny"), num_classes=k, in_channels=3, latent_stride=stride).eval()
+    x = torch.rand(2, 3, size, size)
+    y = torch.randint(0, k, (2, size, size))
+    with torch.no_grad():
+        zi = nets["image_encoder"](x)
+        z0 = nets["label_encoder"](y)
+        eps_hat = nets["denoiser"](torch.cat([z0, zi], 1), torch.tensor([0, 999]))
+        logits = nets["decoder"](z0 - eps_hat)
+    h = size // stride
+    assert zi.shape == z0.shape == eps_hat.shape == (2, 1, h, h)
+    assert logits.shape == (2, k, size, size)
+    assert ldseg_size_divisor(stride) == 4 * stride
+    # the widths stay those of the preset: same parameter count at every stride except the decoder's
+    # first convs (ConvTranspose2d and Conv2d 3x3 have the same weight count for the same channels)
+    n16 = sum(p.numel() for p in build_ldseg_nets(ldseg_preset("tiny"), k, 3).parameters())
+    assert sum(p.numel() for p in nets.parameters()) == n16
+
+
+def test_bad_stride_and_size_name_the_key():
+    with pytest.raises(ConfigError, match="latent_stride=2"):
+        build_ldseg_nets(ldseg_preset("tiny"), num_classes=2, latent_stride=2)
+    enc = LabelEncoder(2, (8, 16, 32, 32, 16), latent_stride=4)
+    enc(torch.zeros(1, 16, 16, dtype=torch.long))  # 16 = 4 x 4 is enough at stride 4
+    with pytest.raises(InputError, match="divisible by 16"):
+        enc(torch.zeros(1, 24, 24, dtype=torch.long))
+
+
+def test_nearest_label_downsampler_takes_block_corners_and_standardises():
+    from ldiffusion.nets.ldseg import NearestLabelDownsampler
+
+    y = torch.zeros(1, 16, 16, dtype=torch.long)
+    y[0, :4, :4] = 1  # top-left 4x4 block -> its corner pixel is 1
+    y[0, 5, 5] = 2  # inside block (1, 1) but not its corner -> invisible
+    y[0, 8:12, 12:16] = 255  # ignored -> 0
+    z = NearestLabelDownsampler(3, latent_stride=4)(y)
+    assert z.shape == (1, 1, 4, 4)
+    raw = torch.zeros(4, 4)
+    raw[0, 0] = 1.0
+    expect = (raw - raw.mean()) / torch.sqrt(raw.var(unbiased=False) + 1e-3)
+    assert torch.allclose(z[0, 0], expect, atol=1e-6)
+    assert not list(NearestLabelDownsampler(3).parameters())
+
+
+def test_nearest_image_downsampler_is_grey_corner_sample():
+    from ldiffusion.nets.ldseg import NearestImageDownsampler
+
+    x = torch.rand(2, 3, 64, 64)
+    z = NearestImageDownsampler(3, latent_stride=8)(x)
+    grey = x.mean(1)[:, ::8, ::8]
+    m = grey.mean(dim=(1, 2), keepdim=True)
+    v = grey.var(dim=(1, 2), unbiased=False, keepdim=True)
+    assert z.shape == (2, 1, 8, 8)
+    assert torch.allclose(z[:, 0], (grey - m) / torch.sqrt(v + 1e-3), atol=1e-5)
+
+
+def test_table_v_rows_build_without_the_replaced_encoder():
+    nets = build_ldseg_nets(ldseg_preset("tiny"), 2, 3, label_downsampler="nearest",
+                            image_downsampler="nearest")
+    assert not list(nets["label_encoder"].parameters()) and not list(nets["image_encoder"].parameters())
+    with pytest.raises(ConfigError, match="image_downsampler='pool'"):
+        build_ldseg_nets(ldseg_preset("tiny"), 2, 3, image_downsampler="pool")

@@ -16,6 +16,18 @@ Training (one step = one D update and one G update, Algorithm 1 of the paper / t
   target is the *un-attended* x0. Optional adversarial term ``lambda_adv`` · softplus(-D(x̂_{k-1},
   x_k^att)) (off by default, as in the paper: D shapes G only through A).
 
+Class balancing (issue 20, not in the paper; off in the `tiny` and `paper` presets): with
+``class_weights="inverse_freq"`` the squared error of every pixel is weighted by w_c of its class,
+w_c = 1 / (K' f_c) clipped to ``class_weight_max`` (`losses.class_balance.inverse_frequency_weights`;
+before clipping the pixel-average weight is 1). The frequencies f_c are running counts of the
+training label pixels seen so far, this step's batch included (the `class_counts` buffer, kept in
+`train_state.pt`, so a resumed run continues with the same counts; all-reduced under
+torch.distributed). A class absent so far has no pixel in the batch either, so early steps only
+see noisier weights, never missing ones. Optional auxiliary terms on the class probabilities
+softmax(logits(x̂0) / ``aux_temperature``) (one channel: logits [-x̂0, x̂0]):
+``aux_ce`` x cross-entropy (class-weighted when the weights are on) and ``aux_dice`` x soft Dice
+loss over the foreground classes present (`losses.dice.soft_dice_loss`).
+
 Attention map A (METHODS Part 3 §2 / §8.2): channel statistic of D's feature map at the resolution
 ``attn_scale`` (px at ``crop_px``; or ``attn_index`` into `CDALDiscriminator.get_features`),
 computed under no_grad on a fresh *real* pair, upsampled bilinearly to the label size and broadcast
@@ -56,6 +68,8 @@ from ldiffusion.core.config import check_range
 from ldiffusion.core.errors import ConfigError, InputError
 from ldiffusion.core.rng import make_generator
 from ldiffusion.diffusion.samplers.vp_posterior import VPPosterior
+from ldiffusion.losses.class_balance import class_pixel_counts, inverse_frequency_weights
+from ldiffusion.losses.dice import soft_dice_loss
 from ldiffusion.methods.base import (
     STAIN_AUGMENTATION,
     MethodConfig,
@@ -105,6 +119,14 @@ class CDALConfig(MethodConfig):
         image_norm: "monuseg" ((255 v - mean) / std, authors' statistics) or "unit" (2 v - 1).
         invert_labels: binary tasks only: foreground = -1 (the CXR code's polarity).
         binary_one_channel: a 2-class task diffuses one channel (paper); False uses 2 one-hot channels.
+        class_weights: "none" (paper: plain MSE) or "inverse_freq" (per-pixel weight w_c = 1/(K' f_c)
+            of its class from the running training pixel counts, clipped to ``class_weight_max``).
+        class_weight_max: upper clip of the class weights (>= 1).
+        aux_ce: weight of an auxiliary cross-entropy on softmax(logits(x̂0) / ``aux_temperature``)
+            (0 = off, paper).
+        aux_dice: weight of an auxiliary soft Dice loss on the same probabilities (0 = off, paper).
+        aux_temperature: temperature of that softmax; 0.25 maps the target 2·onehot - 1 to a
+            probability of the true class >= 0.99 for up to 20 classes.
     """
 
     T: int = 2
@@ -143,9 +165,18 @@ class CDALConfig(MethodConfig):
     binary_one_channel: bool = True
     n_samples: int = 5
     grad_clip: float | None = None
+    class_weights: Literal["none", "inverse_freq"] = "none"
+    class_weight_max: float = 10.0
+    aux_ce: float = 0.0
+    aux_dice: float = 0.0
+    aux_temperature: float = 0.25
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_range("class_weight_max", self.class_weight_max, 1.0)
+        check_range("aux_ce", self.aux_ce, 0.0)
+        check_range("aux_dice", self.aux_dice, 0.0)
+        check_range("aux_temperature", self.aux_temperature, 0.0, lo_open=True)
         check_range("T", self.T, 1, 1000)
         check_range("beta_min", self.beta_min, 0.0, lo_open=True)
         if self.beta_max < self.beta_min:
@@ -227,8 +258,10 @@ class CDALMethod(Segmenter):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": _preset("tiny", **_SHARED_TRAINING, T=2, lazy_r1=2, steps=30, n_samples=2, attn_scale=16,
                         val_every=10, ckpt_every=10),
+        # small departs from the paper: class-balanced MSE + Dice on x̂0 (issue 20; docs/methods.md)
         "small": _preset("small", **_SHARED_TRAINING, precision="auto", T=2, lazy_r1=10, steps=300,
-                         n_samples=5, attn_scale=32, val_every=100, ckpt_every=100, **STAIN_AUGMENTATION),
+                         n_samples=5, attn_scale=32, val_every=100, ckpt_every=100, aux_dice=1.0,
+                         class_weights="inverse_freq", class_weight_max=10.0, **STAIN_AUGMENTATION),
         # MoNuSeg column: 12000 epochs x 7 iterations; the cosine LR decay of the code is not applied.
         "paper": _preset("paper", **_SHARED_TRAINING, precision="auto", T=4, lazy_r1=10, steps=84000,
                          n_samples=5, attn_scale=32, val_every=700, ckpt_every=700, **STAIN_AUGMENTATION),
@@ -255,6 +288,9 @@ class CDALMethod(Segmenter):
         self.attn_feature_index = self._resolve_attn_index(cfg)
         # counts training steps (lazy R1); saved in train_state.pt, not in model.safetensors
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
+        # running training pixel counts per class (class_weights; None = off); train_state.pt only
+        on = cfg.class_weights == "inverse_freq"
+        self.register_buffer("class_counts", torch.zeros(num_classes, dtype=torch.float64) if on else None)
         if cfg.image_norm == "monuseg" and in_channels == 3:
             mean, std = torch.tensor(_MONUSEG_MEAN) / 255.0, torch.tensor(_MONUSEG_STD) / 255.0
         else:
@@ -373,14 +409,54 @@ class CDALMethod(Segmenter):
         `discriminator_loss` and `generator_loss` itself, in that order, with the same generator.
         """
         image = self.preprocess(batch["image"])
-        x0, valid = self.encode_labels(batch["label"].to(image.device))
+        label = batch["label"].to(image.device)
+        x0, valid = self.encode_labels(label)
         out: dict[str, Tensor] = {}
         if self.trains_discriminator:
             out.update(self.discriminator_loss(x0, image, generator))
         with torch.no_grad():
             self.train_steps += 1
-        out.update(self.generator_loss(x0, valid, image, generator))
+            self.update_class_counts(label)
+        out.update(self.generator_loss(x0, valid, image, generator, label=label))
         return out
+
+    # ------------------------------------------------------------------ class balance
+    @torch.no_grad()
+    def update_class_counts(self, label: Tensor) -> None:
+        """Add the labelled pixels of a training batch (B, H, W) to `class_counts` (no-op when off).
+
+        Under torch.distributed the batch counts are summed over the ranks first, so every rank
+        holds the counts of the global batch.
+        """
+        if self.class_counts is None:
+            return
+        counts = class_pixel_counts(label, self.num_classes, IGNORE).to(self.class_counts.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        self.class_counts += counts
+
+    def class_weight_vector(self) -> Tensor | None:
+        """Return the class weights (K,) float32 from `class_counts`, or None when `class_weights="none"`."""
+        cfg = self.cfg
+        assert isinstance(cfg, CDALConfig)
+        if self.class_counts is None:
+            return None
+        return inverse_frequency_weights(self.class_counts, cfg.class_weight_max).to(self.class_counts.device)
+
+    def class_logits(self, x0_hat: Tensor) -> Tensor:
+        """Class logits (B, K, H, W) of predicted labels x̂0 (B, C_y, H, W), divided by ``aux_temperature``.
+
+        One channel: [-x̂0, x̂0] (sign flipped with ``invert_labels``); otherwise x̂0 itself. Their
+        softmax is the class probability of the auxiliary losses; its argmax equals the class map
+        of a single sample.
+        """
+        cfg = self.cfg
+        assert isinstance(cfg, CDALConfig)
+        x = x0_hat.float()
+        if self.label_channels == 1:
+            x = -x if cfg.invert_labels else x
+            x = torch.cat([-x, x], dim=1)
+        return x / cfg.aux_temperature
 
     def discriminator_loss(self, x0: Tensor, image: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         """Return {"d": softplus(-D(real)) + softplus(D(fake)) [+ R1], "log/...": ...} (G frozen).
@@ -415,15 +491,19 @@ class CDALMethod(Segmenter):
         return out
 
     def generator_loss(self, x0: Tensor, valid: Tensor, image: Tensor,
-                       generator: torch.Generator) -> dict[str, Tensor]:
-        """Return {"g": eq. 4 MSE [+ lambda_adv · adversarial], "log/...": ...} (D frozen).
+                       generator: torch.Generator, *, label: Tensor | None = None) -> dict[str, Tensor]:
+        """Return {"g": eq. 4 MSE [+ lambda_adv · adversarial] [+ aux terms], "log/...": ...} (D frozen).
 
         Args:
             x0: labels (B, C_y, H, W) in {-1, +1}; valid: (B, 1, H, W) 1 = annotated pixel.
             image: normalised images (B, C_I, H, W).
             generator: generator of k, the pair noise and z.
+            label: class ids (B, H, W) (255 = ignore); needed by ``class_weights`` and the
+                auxiliary terms, which are skipped without it.
 
-        The MSE target is the un-attended x0, averaged over annotated pixels and label channels.
+        The MSE target is the un-attended x0, averaged over annotated pixels and label channels;
+        with class weights each pixel's squared error is multiplied by its class weight (the
+        normaliser stays the number of annotated pixels x channels).
         """
         cfg = self.cfg
         assert isinstance(cfg, CDALConfig)
@@ -440,8 +520,28 @@ class CDALMethod(Segmenter):
         _, x_k_att = self.process.q_sample_pair(x0_att, k, generator)  # fresh noise
         x0_hat = self.gen(x_k_att, k - 1, self.sample_z(b, generator, dev), image)
         n_valid = valid.sum() * self.label_channels
-        mse = ((x0_hat.float() - x0) ** 2 * valid).sum() / n_valid.clamp_min(1.0)
+        weights = self.class_weight_vector() if label is not None else None
+        pixel_w = valid
+        if weights is not None and label is not None:
+            safe = torch.where(label == IGNORE, torch.zeros_like(label), label).long()
+            pixel_w = weights.to(valid.dtype)[safe].unsqueeze(1) * valid
+            out["log/w_max"] = weights.max()
+        mse = ((x0_hat.float() - x0) ** 2 * pixel_w).sum() / n_valid.clamp_min(1.0)
         loss_g = mse
+        if label is not None and (cfg.aux_ce > 0 or cfg.aux_dice > 0):
+            logits = self.class_logits(x0_hat)
+            if cfg.aux_ce > 0:
+                if bool((label != IGNORE).any()):
+                    ce = F.cross_entropy(logits, label.long(), ignore_index=IGNORE,
+                                         weight=weights.float() if weights is not None else None)
+                else:
+                    ce = logits.sum() * 0.0
+                loss_g = loss_g + cfg.aux_ce * ce
+                out["log/aux_ce"] = ce.detach()
+            if cfg.aux_dice > 0:
+                dice = soft_dice_loss(logits, label.long(), ignore_index=IGNORE)
+                loss_g = loss_g + cfg.aux_dice * dice
+                out["log/aux_dice"] = dice.detach()
         if cfg.lambda_adv > 0:
             x_prev_fake = self.process.posterior_sample(x0_hat, x_k_att, k, generator)
             adv = F.softplus(-self.disc(x_prev_fake, x_k_att, k - 1)).mean()

@@ -2,7 +2,7 @@
 
 Training (one step, [P Alg. 1], METHODS Part 2 §3)::
 
-    z_i = E_img(x);  z0 = E_lab(y)                       # (B, 1, H/16, W/16) each; z0 standardised
+    z_i = E_img(x);  z0 = E_lab(y)                       # (B, 1, H/s, W/s) each, s = latent_stride
     t ~ U{0..T-1} per sample;  eps ~ N(0, I) per sample  # `t_per_batch`, `shared_noise` = code variants
     z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps         # cosine schedule, T = 1000
     eps_hat = Den([z_t || z_i], t)
@@ -11,7 +11,12 @@ Training (one step, [P Alg. 1], METHODS Part 2 §3)::
     loss = CE(p, y) + gamma (1 - Dice(p, y)) + lambda mean((eps_hat - eps)^2)
 
 All four networks share one Adam optimiser ("model"; the code's four Adams on one loss are the same
-thing). An exponential moving average of the denoiser (`ema`, code-only) is used at inference.
+thing). Its learning rate decays exponentially per epoch ([P §IV-C] "exponentially decayed"):
+lr(step) = lr * lr_decay ** floor(step / steps_per_epoch) (`lr_multiplier`, applied by the loop
+before every step). An exponential moving average of the denoiser (`ema`, code-only) is used at
+inference. The latent stride s (`latent_stride`) is 16 in the paper; 8 and 4 keep more label detail.
+Table V's ablation replaces either encoder by nearest-neighbour down-sampling
+(`label_downsampler`, `image_downsampler` = "nearest").
 
 Inference ([P §V-B], METHODS Part 2 §4): DDIM in the latent on the grid
 tau_j = round(j (T-1) / (K-1)), j = 0..K-1 (K = `ddim_steps` >= 2, default 2, i.e. {T-1, 0}), starting
@@ -48,7 +53,7 @@ from ldiffusion.core.config import check_range
 from ldiffusion.core.errors import ConfigError, InputError
 from ldiffusion.core.rng import derive_seed, make_generator
 from ldiffusion.methods.base import STAIN_AUGMENTATION, MethodConfig, Segmenter, inference_autocast
-from ldiffusion.nets.ldseg import LDSEG_SIZE_DIVISOR, build_ldseg_nets, check_ldseg_input, ldseg_preset
+from ldiffusion.nets.ldseg import build_ldseg_nets, check_ldseg_input, ldseg_preset, ldseg_size_divisor
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,7 @@ __all__ = [
     "ddim_grid",
     "ddim_update",
     "ldseg_dice",
+    "lr_decay_multiplier",
     "renormalize",
 ]
 
@@ -137,6 +143,21 @@ def ddim_update(z: Tensor, eps_hat: Tensor, abar_t: float, abar_prev: float, eta
             raise InputError("ddim_update: eta > 0 needs a noise tensor")
         out = out + sigma * noise
     return out
+
+
+def lr_decay_multiplier(step: int, steps_per_epoch: int, decay: float) -> float:
+    """Return the exponential per-epoch decay factor decay ** floor(step / steps_per_epoch).
+
+    Args:
+        step: optimiser steps done before the current one (0 for the first step).
+        steps_per_epoch: optimiser steps per pass over the training samples (>= 1).
+        decay: factor per epoch in (0, 1]; 1 = constant rate.
+
+    Example:
+        >>> lr_decay_multiplier(0, 10, 0.5), lr_decay_multiplier(9, 10, 0.5), lr_decay_multiplier(25, 10, 0.5)
+        (1.0, 1.0, 0.25)
+    """
+    return float(decay) ** (int(step) // max(int(steps_per_epoch), 1))
 
 
 def renormalize(z: Tensor, mode: Literal["sample", "batch", "none"], eps: float = 1e-5) -> Tensor:
@@ -219,6 +240,13 @@ class LDSegConfig(MethodConfig):
         mean_map: what `predict_proba` averages over its `n_samples` runs: "onehot" masks (paper) or
             "softmax" probabilities.
         sample_chunk: at most this many (image, run) pairs go through the decoder at once.
+        latent_stride: label-latent stride s (4, 8 or 16): the latent is (H/s, W/s) and inputs must be
+            multiples of 4 s. 16 = paper; a 1-channel latent at 1/16 holds one value per 16 x 16 block.
+        lr_decay: learning-rate factor per epoch (lr * lr_decay ** epoch; 1 = constant, the code).
+        label_downsampler: "encoder" (learned label encoder, paper) | "nearest" (Table V: the label map
+            down-sampled by nearest neighbour and standardised per sample).
+        image_downsampler: "encoder" (learned image encoder, paper) | "nearest" (Table V: the grey image
+            down-sampled by nearest neighbour and standardised per sample).
     """
 
     arch: Literal["tiny", "small", "paper"] = "tiny"
@@ -244,6 +272,10 @@ class LDSegConfig(MethodConfig):
     uncertainty_samples: int = 4
     mean_map: Literal["onehot", "softmax"] = "onehot"
     sample_chunk: int = 16
+    latent_stride: Literal[4, 8, 16] = 16
+    lr_decay: float = 1.0
+    label_downsampler: Literal["encoder", "nearest"] = "encoder"
+    image_downsampler: Literal["encoder", "nearest"] = "encoder"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -260,9 +292,13 @@ class LDSegConfig(MethodConfig):
                 raise ConfigError(f"ema={self.ema} should be < 1 (or null to turn the EMA off)")
         check_range("uncertainty_samples", self.uncertainty_samples, 1)
         check_range("sample_chunk", self.sample_chunk, 1)
-        if self.crop_px % LDSEG_SIZE_DIVISOR:
-            raise ConfigError(f"crop_px={self.crop_px} should be divisible by {LDSEG_SIZE_DIVISOR} for LDSeg "
-                              "(16x down-sampling to the latent, then 4x inside the denoiser)")
+        check_range("lr_decay", self.lr_decay, 0.0, 1.0, lo_open=True)
+        div = ldseg_size_divisor(self.latent_stride)
+        if self.crop_px % div:
+            raise ConfigError(f"crop_px={self.crop_px} should be divisible by {div} for LDSeg with "
+                              f"latent_stride={self.latent_stride} "
+                              f"({self.latent_stride}x down-sampling to the "
+                              "latent, then 4x inside the denoiser)")
 
 
 # ---------------------------------------------------------------------------------------------- method
@@ -284,14 +320,15 @@ class LDSegSegmenter(Segmenter):
     config_cls: ClassVar[type[MethodConfig]] = LDSegConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # METHODS Part 2 §7; flips only (code), no rot90, no gradient clipping (code).
+        # lr_decay per epoch as METHODS Part 2 §7 (tiny none, small x0.95, paper x0.999 [D]).
         "tiny": {**_SHARED_TRAINING, "arch": "tiny", "crop_px": 64, "steps": 3, "val_every": 0,
                  "ckpt_every": 50, "ema": None, "dropout": 0.0, "uncertainty_samples": 4},
         "small": {**_SHARED_TRAINING, "precision": "auto", "arch": "small", "crop_px": 256, "steps": 660,
                   "epochs": 30, "val_every": 66, "ckpt_every": 66, "ema": 0.99, "dropout": 0.2,
-                  "uncertainty_samples": 10, **STAIN_AUGMENTATION},
+                  "uncertainty_samples": 10, "lr_decay": 0.95, **STAIN_AUGMENTATION},
         "paper": {**_SHARED_TRAINING, "precision": "auto", "arch": "paper", "crop_px": 512, "steps": 53000,
                   "epochs": 2500, "val_every": 2120, "ckpt_every": 2120, "ema": 0.999, "dropout": 0.2,
-                  "uncertainty_samples": 100, **STAIN_AUGMENTATION},
+                  "uncertainty_samples": 100, "lr_decay": 0.999, **STAIN_AUGMENTATION},
     }
 
     def __init__(self, cfg: MethodConfig, num_classes: int, in_channels: int = 3,
@@ -299,11 +336,13 @@ class LDSegSegmenter(Segmenter):
         super().__init__(cfg, num_classes, in_channels, class_names)
         if not isinstance(cfg, LDSegConfig):  # pragma: no cover - checked by the base class
             raise ConfigError("LDSegSegmenter needs an LDSegConfig")
-        self.size_divisor = LDSEG_SIZE_DIVISOR
-        latent = cfg.crop_px // 16
+        self.size_divisor = ldseg_size_divisor(cfg.latent_stride)
+        latent = cfg.crop_px // cfg.latent_stride
         nets = build_ldseg_nets(ldseg_preset(cfg.arch), num_classes, in_channels, label_input=cfg.label_input,
                                 latent_affine=cfg.latent_affine, latent_hw=(latent, latent),
-                                dropout=cfg.dropout, decoder_bn=cfg.decoder_bn)
+                                dropout=cfg.dropout, decoder_bn=cfg.decoder_bn,
+                                latent_stride=cfg.latent_stride, label_downsampler=cfg.label_downsampler,
+                                image_downsampler=cfg.image_downsampler)
         self.label_encoder = nets["label_encoder"]
         self.image_encoder = nets["image_encoder"]
         self.denoiser = nets["denoiser"]
@@ -325,8 +364,8 @@ class LDSegSegmenter(Segmenter):
 
     # ------------------------------------------------------------------ helpers
     def preprocess(self, images: Tensor) -> Tensor:
-        """Check (B, C_in, H, W) with H, W divisible by 64 and apply the per-image min-max (`image_norm`)."""
-        check_ldseg_input(images, "ldseg", self.in_channels)
+        """Check (B, C_in, H, W) with H, W divisible by 4 s and apply the per-image min-max (`image_norm`)."""
+        check_ldseg_input(images, "ldseg", self.in_channels, self.size_divisor)
         x = images.float()
         if self.lcfg.image_norm == "minmax":
             lo = x.amin(dim=(1, 2, 3), keepdim=True)
@@ -355,11 +394,19 @@ class LDSegSegmenter(Segmenter):
         return self.alphas_cumprod.to(t.device)[t]
 
     # ------------------------------------------------------------------ training
+    def lr_multiplier(self, stage: str, step: int, steps_per_epoch: int) -> float:
+        """Return the factor on `lr` for the optimiser step after `step` steps (per-epoch exponential decay).
+
+        Called by `train.loop.fit` before every step; a pure function of the step, so a resumed run
+        gets the same rates as an uninterrupted one.
+        """
+        return lr_decay_multiplier(step, steps_per_epoch, self.lcfg.lr_decay)
+
     def forward_train(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         """Run the training forward pass; return every intermediate tensor (for tests and losses).
 
         Returns:
-            Dict with "z0", "zi", "t", "eps", "zt", "eps_hat", "zdn" (B, 1, h, w; t (B,)) and
+            Dict with "z0", "zi", "t", "eps", "zt", "eps_hat", "zdn" (B, 1, H/s, W/s; t (B,)) and
             "logits" (B, K, H, W).
         """
         cfg = self.lcfg
@@ -434,7 +481,7 @@ class LDSegSegmenter(Segmenter):
             seeds: one seed per row of ``zi``; row n draws z_T (and eta noise) from its own generator.
 
         Returns:
-            Logits (N, K, 16h, 16w).
+            Logits (N, K, s h, s w) for the latent stride s.
         """
         cfg = self.lcfg
         den = self.inference_denoiser()

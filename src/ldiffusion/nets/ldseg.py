@@ -1,8 +1,10 @@
 """LDSeg networks: label encoder, image encoder, latent denoiser and label decoder (METHODS Part 2 §2).
 
-All four modules work on NCHW float32 tensors; the latent is one channel at 1/16 of the input size
-(``h = H/16``, ``w = W/16``). The denoiser halves the latent twice more, so H and W must be divisible
-by 64. All activations are SiLU. Layer layouts follow the authors' Keras code [C:model.py]
+All four modules work on NCHW float32 tensors; the latent is one channel at 1/s of the input size
+(``h = H/s``, ``w = W/s``) for the latent stride s = 16 (paper, default), 8 or 4 (``latent_stride``;
+the encoders drop their last down-samplings and the decoder its first up-samplings). The denoiser
+halves the latent twice more, so H and W must be divisible by 4 s (64 at s = 16). All activations
+are SiLU. Layer layouts follow the authors' Keras code [C:model.py]
 (channels-last there); widths come from `ldseg_preset` (METHODS Part 2 §7).
 
 - `LabelEncoder`: one-hot (default) or index map -> 5 residual blocks with 4 max-pools -> conv1x1(->1)
@@ -15,6 +17,8 @@ by 64. All activations are SiLU. Layer layouts follow the authors' Keras code [C
   the raw step t, predicting eps (B, 1, h, w).
 - `LabelDecoder`: 4 x [ConvTranspose2d(k3, s2) -> residual block] -> SiLU -> conv1x1(->K) ->
   BatchNorm(K); returns logits (softmax is applied by the method).
+- `NearestLabelDownsampler`, `NearestImageDownsampler`: the parameter-free replacements of the two
+  encoders in the paper's Table V ablation (nearest-neighbour down-sampling to the latent size).
 
 Example:
     >>> p = ldseg_preset("tiny")
@@ -43,16 +47,21 @@ __all__ = [
     "LDSegDenoiser",
     "LabelDecoder",
     "LabelEncoder",
+    "NearestImageDownsampler",
+    "NearestLabelDownsampler",
     "build_ldseg_nets",
     "check_ldseg_input",
     "ldseg_preset",
+    "ldseg_size_divisor",
     "ldseg_timestep_embedding",
 ]
 
 #: H and W of LDSeg inputs must be multiples of this (16 in the encoders, x4 in the denoiser).
 LDSEG_SIZE_DIVISOR = 64
-#: the encoders and the decoder change the resolution by this factor.
+#: the encoders and the decoder change the resolution by this factor (paper default).
 LATENT_FACTOR = 16
+#: label-latent strides the networks support (1/16 paper; 1/8 and 1/4 keep more label detail).
+LATENT_STRIDES = (4, 8, 16)
 
 LDSEG_PRESETS: dict[str, dict[str, Any]] = {
     # METHODS Part 2 §7. tiny: 64 px -> latent 4x4; CPU unit tests.
@@ -110,25 +119,48 @@ def ldseg_preset(name: str) -> dict[str, Any]:
     return lookup_preset(LDSEG_PRESETS, "ldseg", name)
 
 
-def check_ldseg_input(x: Tensor, name: str, channels: int | None = None) -> None:
-    """Raise `InputError` unless ``x`` is (B, C, H, W) with H, W divisible by 64.
+def ldseg_size_divisor(latent_stride: int = LATENT_FACTOR) -> int:
+    """Return the multiple H and W must have for latent stride s: 4 s (s in the encoders, x4 in the denoiser).
+
+    Raises:
+        ConfigError: s is not one of 4, 8, 16.
+
+    Example:
+        >>> ldseg_size_divisor(16), ldseg_size_divisor(4)
+        (64, 16)
+    """
+    if latent_stride not in LATENT_STRIDES:
+        raise ConfigError(f"latent_stride={latent_stride!r} is not valid; "
+                          f"choose one of {list(LATENT_STRIDES)}")
+    return 4 * latent_stride
+
+
+def _n_down(latent_stride: int) -> int:
+    ldseg_size_divisor(latent_stride)  # validates
+    return round(math.log2(latent_stride))
+
+
+def check_ldseg_input(x: Tensor, name: str, channels: int | None = None,
+                      divisor: int = LDSEG_SIZE_DIVISOR) -> None:
+    """Raise `InputError` unless ``x`` is (B, C, H, W) with H, W divisible by ``divisor``.
 
     Args:
         x: input tensor.
         name: model name used in the message.
         channels: expected C, or None to skip that check.
+        divisor: 4 x the latent stride (64 at the paper's 1/16; `ldseg_size_divisor`).
     """
     if x.ndim != 4:
         raise InputError(f"{name}: expected (B, C, H, W), got shape {tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:
         raise InputError(f"{name}: expected (B, {channels}, H, W), got {tuple(x.shape)}")
     h, w = x.shape[-2:]
-    d = LDSEG_SIZE_DIVISOR
+    d = divisor
     if h % d or w % d:
         ph, pw = -(-h // d) * d, -(-w // d) * d
         raise InputError(
-            f"{name}: expected (B, C, H, W) with H, W divisible by {d} (LDSeg: 16x down-sampling to the "
-            f"latent, then 4x inside the denoiser), got {tuple(x.shape)}; pad or crop to ({ph}, {pw})"
+            f"{name}: expected (B, C, H, W) with H, W divisible by {d} (LDSeg: {d // 4}x down-sampling to "
+            f"the latent, then 4x inside the denoiser), got {tuple(x.shape)}; pad or crop to ({ph}, {pw})"
         )
 
 
@@ -205,10 +237,11 @@ class ResConvBlock(nn.Module):
 
 
 class LabelEncoder(nn.Module):
-    """Map a label map to the standardised one-channel latent z0 (B, 1, H/16, W/16).
+    """Map a label map to the standardised one-channel latent z0 (B, 1, H/s, W/s), s = ``latent_stride``.
 
     RB(w0)@H -> maxpool -> RB(w1) -> maxpool -> RB(w2) -> maxpool -> RB(w3) -> maxpool -> RB(w4)@H/16
-    -> conv1x1(->1) -> LayerNorm over (C, h, w) per sample, eps 1e-3.
+    -> conv1x1(->1) -> LayerNorm over (C, h, w) per sample, eps 1e-3. With s = 8 (4) the last one
+    (two) max-pools are left out, so the last blocks run at H/s.
 
     Args:
         num_classes: K (classes incl. background).
@@ -223,6 +256,7 @@ class LabelEncoder(nn.Module):
             with "index").
         eps: LayerNorm epsilon (1e-3 as in Keras); the per-sample std of z0 is sqrt(v / (v + eps)) for
             a pre-norm variance v, i.e. 1 up to ~eps / (2 v).
+        latent_stride: s in (4, 8, 16); 16 = the paper's four down-samplings.
     """
 
     def __init__(
@@ -236,6 +270,7 @@ class LabelEncoder(nn.Module):
         dropout: float = 0.0,
         ignore_index: int = 255,
         eps: float = 1e-3,
+        latent_stride: int = LATENT_FACTOR,
     ) -> None:
         super().__init__()
         if len(widths) != 5:
@@ -250,6 +285,8 @@ class LabelEncoder(nn.Module):
         self.num_classes = int(num_classes)
         self.label_input = label_input
         self.ignore_index = ignore_index
+        self.n_down = _n_down(latent_stride)
+        self.divisor = ldseg_size_divisor(latent_stride)
         in_ch = self.num_classes if label_input == "onehot" else 1
         blocks = []
         for w in widths:
@@ -278,11 +315,11 @@ class LabelEncoder(nn.Module):
         return onehot * valid.unsqueeze(1).float()
 
     def forward(self, label: Tensor) -> Tensor:
-        """Encode labels (B, H, W) int64 (H, W divisible by 64) into z0 (B, 1, H/16, W/16)."""
+        """Encode labels (B, H, W) int64 (H, W divisible by 4 s) into z0 (B, 1, H/s, W/s)."""
         x = self.encode_input(label)
-        check_ldseg_input(x, "LabelEncoder")
+        check_ldseg_input(x, "LabelEncoder", divisor=self.divisor)
         for i, block in enumerate(self.blocks):
-            if i > 0:
+            if 0 < i <= self.n_down:
                 x = F.max_pool2d(x, 2)
             x = block(x)
         z = self.out(x)
@@ -330,30 +367,32 @@ class MHSA2d(nn.Module):
 
 class _DownBlock(nn.Module):
     """Image-encoder down block DB(c): r=conv1(x); h=SiLU-conv3-Dropout-SiLU-conv3(zero); SiLU(h+r)
-    -> conv3 stride 2 -> GroupNorm(4)."""
+    -> conv3 stride 2 (stride 1 with ``down=False``) -> GroupNorm(4)."""
 
-    def __init__(self, in_ch: int, out_ch: int, dropout: float) -> None:
+    def __init__(self, in_ch: int, out_ch: int, dropout: float, down: bool = True) -> None:
         super().__init__()
         self.res = nn.Conv2d(in_ch, out_ch, 1)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.drop = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.down = nn.Conv2d(out_ch, out_ch, 3, stride=2, padding=1)
+        self.down = nn.Conv2d(out_ch, out_ch, 3, stride=2 if down else 1, padding=1)
         _glorot(self)
         _zero(self.conv2)
         self.norm = _gn(out_ch, 4)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, in, H, W) -> (B, out, H/2, W/2)."""
+        """(B, in, H, W) -> (B, out, H/2, W/2) (H, W when not down-sampling)."""
         h = self.conv2(F.silu(self.drop(self.conv1(F.silu(x)))))
         return self.norm(self.down(F.silu(h + self.res(x))))
 
 
 class ImageEncoder(nn.Module):
-    """Map images (B, C_in, H, W) to the image embedding z_i (B, 1, H/16, W/16).
+    """Map images (B, C_in, H, W) to the image embedding z_i (B, 1, H/s, W/s), s = ``latent_stride``.
 
     stem conv3(s) -> DB(c1) -> DB(c2) -> DB(c3) + MHSA(c3) -> DB(c4) + MHSA(c4) -> conv1(->1, zero-init)
-    -> MHSA(1 unit, 1 head, GN 1 group) -> SiLU -> BatchNorm(1).
+    -> MHSA(1 unit, 1 head, GN 1 group) -> SiLU -> BatchNorm(1). With s = 8 (4) the last one (two)
+    down blocks keep their resolution (stride-1 conv), so both MHSA layers run at H/s at s = 4:
+    (H/4)^2 tokens, which is heavy at large crops.
 
     Args:
         in_channels: image channels.
@@ -361,6 +400,7 @@ class ImageEncoder(nn.Module):
         widths: 4 down-block widths (preset ``image_widths``).
         heads: heads of the two MHSA layers.
         dropout: dropout in the down blocks.
+        latent_stride: s in (4, 8, 16).
     """
 
     def __init__(
@@ -370,16 +410,19 @@ class ImageEncoder(nn.Module):
         widths: tuple[int, ...] = (32, 64, 64, 32),
         heads: int = 8,
         dropout: float = 0.0,
+        latent_stride: int = LATENT_FACTOR,
     ) -> None:
         super().__init__()
         if len(widths) != 4:
             raise ConfigError(f"ImageEncoder: widths={widths} should have 4 entries (4 down-samplings)")
         self.in_channels = in_channels
+        n_down = _n_down(latent_stride)
+        self.divisor = ldseg_size_divisor(latent_stride)
         self.stem = _glorot(nn.Conv2d(in_channels, stem, 3, padding=1))
         downs, attns = [], []
         ch = stem
         for i, w in enumerate(widths):
-            downs.append(_DownBlock(ch, w, dropout))
+            downs.append(_DownBlock(ch, w, dropout, down=i < n_down))
             attns.append(MHSA2d(w, heads, groups=8) if i >= 2 else nn.Identity())
             ch = w
         self.downs = nn.ModuleList(downs)
@@ -389,8 +432,8 @@ class ImageEncoder(nn.Module):
         self.out_bn = nn.BatchNorm2d(1)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Encode images (B, C_in, H, W), H, W divisible by 64, into z_i (B, 1, H/16, W/16)."""
-        check_ldseg_input(x, "ImageEncoder", self.in_channels)
+        """Encode images (B, C_in, H, W), H, W divisible by 4 s, into z_i (B, 1, H/s, W/s)."""
+        check_ldseg_input(x, "ImageEncoder", self.in_channels, self.divisor)
         h = self.stem(x)
         for down, attn in zip(self.downs, self.attns, strict=True):
             h = attn(down(h))
@@ -532,16 +575,19 @@ class LDSegDenoiser(nn.Module):
 
 
 class LabelDecoder(nn.Module):
-    """Decode a latent (B, 1, h, w) into class logits (B, K, 16h, 16w).
+    """Decode a latent (B, 1, h, w) into class logits (B, K, s h, s w), s = ``latent_stride``.
 
     4 x [ConvTranspose2d(k3, s2, p1, output_padding 1)(c) -> RB(c)] -> SiLU -> conv1x1(->K) ->
-    BatchNorm(K) (code-only, ``out_bn``). Softmax over K gives the paper's output.
+    BatchNorm(K) (code-only, ``out_bn``). Softmax over K gives the paper's output. With s = 8 (4)
+    the first one (two) transposed convolutions become stride-1 conv3x3, so those blocks run at the
+    latent resolution.
 
     Args:
         num_classes: K.
         widths: 4 widths (preset ``decoder_widths``).
         dropout: dropout in the residual blocks.
         out_bn: BatchNorm on the logits as in the code.
+        latent_stride: s in (4, 8, 16).
     """
 
     def __init__(
@@ -550,14 +596,20 @@ class LabelDecoder(nn.Module):
         widths: tuple[int, ...] = (32, 64, 64, 32),
         dropout: float = 0.0,
         out_bn: bool = True,
+        latent_stride: int = LATENT_FACTOR,
     ) -> None:
         super().__init__()
         if len(widths) != 4:
             raise ConfigError(f"LabelDecoder: widths={widths} should have 4 entries (4 up-samplings)")
-        ups, blocks = [], []
+        n_keep = len(widths) - _n_down(latent_stride)  # blocks at the latent resolution come first
+        ups: list[nn.Module] = []
+        blocks = []
         ch = 1
-        for w in widths:
-            ups.append(nn.ConvTranspose2d(ch, w, 3, stride=2, padding=1, output_padding=1))
+        for i, w in enumerate(widths):
+            if i < n_keep:
+                ups.append(nn.Conv2d(ch, w, 3, padding=1))
+            else:
+                ups.append(nn.ConvTranspose2d(ch, w, 3, stride=2, padding=1, output_padding=1))
             blocks.append(ResConvBlock(w, w, dropout))
             ch = w
         self.ups = nn.ModuleList(ups)
@@ -566,13 +618,81 @@ class LabelDecoder(nn.Module):
         self.out_bn: nn.Module = nn.BatchNorm2d(num_classes) if out_bn else nn.Identity()
 
     def forward(self, z: Tensor) -> Tensor:
-        """Return logits (B, K, 16h, 16w) for a latent z (B, 1, h, w)."""
+        """Return logits (B, K, s h, s w) for a latent z (B, 1, h, w)."""
         if z.ndim != 4 or z.shape[1] != 1:
             raise InputError(f"LabelDecoder: expected a latent (B, 1, h, w), got {tuple(z.shape)}")
         h = z
         for up, block in zip(self.ups, self.blocks, strict=True):
             h = block(up(h))
         return self.out_bn(self.out(F.silu(h)))
+
+
+def _standardise(z: Tensor, eps: float) -> Tensor:
+    """Per-sample (z - mean) / sqrt(var + eps) over (C, h, w), as the label encoder's LayerNorm."""
+    mean = z.mean(dim=(1, 2, 3), keepdim=True)
+    var = z.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+    return (z - mean) / torch.sqrt(var + eps)
+
+
+class NearestLabelDownsampler(nn.Module):
+    """Table V "label down-sample": z0 = standardise(nearest-neighbour down-sampling of the label map).
+
+    The class id (ignored pixels -> 0) is taken as one float channel, sampled at the top-left pixel
+    of every s x s block (``F.interpolate(mode="nearest")`` with an integer factor picks the same
+    pixel), then standardised per sample over (C, h, w) with eps 1e-3 like `LabelEncoder`; a
+    constant map gives z0 = 0. No parameters. (B, H, W) int64 -> (B, 1, H/s, W/s) float32.
+
+    Args:
+        num_classes: K (ids >= K count as 0, like ignored pixels).
+        latent_stride: s in (4, 8, 16).
+        ignore_index: label value of unlabelled pixels.
+        eps: variance epsilon of the standardisation.
+    """
+
+    def __init__(self, num_classes: int, latent_stride: int = LATENT_FACTOR, ignore_index: int = 255,
+                 eps: float = 1e-3) -> None:
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.stride = int(latent_stride)
+        self.divisor = ldseg_size_divisor(latent_stride)
+        self.ignore_index = ignore_index
+        self.eps = float(eps)
+
+    def forward(self, label: Tensor) -> Tensor:
+        """Down-sample labels (B, H, W) int64 (H, W divisible by 4 s) to z0 (B, 1, H/s, W/s)."""
+        if label.ndim != 3:
+            raise InputError(f"NearestLabelDownsampler: expected labels (B, H, W), got {tuple(label.shape)}")
+        check_ldseg_input(label.unsqueeze(1), "NearestLabelDownsampler", divisor=self.divisor)
+        valid = (label != self.ignore_index) & (label >= 0) & (label < self.num_classes)
+        ids = torch.where(valid, label, torch.zeros_like(label)).float().unsqueeze(1)
+        return _standardise(ids[..., ::self.stride, ::self.stride], self.eps)
+
+
+class NearestImageDownsampler(nn.Module):
+    """Table V "image down-sample": z_i = standardise(nearest-neighbour down-sampling of the grey image).
+
+    The channel mean of the (pre-processed) image, sampled at the top-left pixel of every s x s
+    block, standardised per sample (eps 1e-3) [D]: the paper does not say how 3 channels become the
+    one-channel z_i. No parameters. (B, C_in, H, W) -> (B, 1, H/s, W/s).
+
+    Args:
+        in_channels: image channels.
+        latent_stride: s in (4, 8, 16).
+        eps: variance epsilon of the standardisation.
+    """
+
+    def __init__(self, in_channels: int = 3, latent_stride: int = LATENT_FACTOR, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.in_channels = int(in_channels)
+        self.stride = int(latent_stride)
+        self.divisor = ldseg_size_divisor(latent_stride)
+        self.eps = float(eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Down-sample images (B, C_in, H, W) to z_i (B, 1, H/s, W/s)."""
+        check_ldseg_input(x, "NearestImageDownsampler", self.in_channels, self.divisor)
+        grey = x.float().mean(dim=1, keepdim=True)
+        return _standardise(grey[..., ::self.stride, ::self.stride], self.eps)
 
 
 def build_ldseg_nets(
@@ -585,28 +705,55 @@ def build_ldseg_nets(
     latent_hw: tuple[int, int] | None = None,
     dropout: float | None = None,
     decoder_bn: bool = True,
+    latent_stride: int = LATENT_FACTOR,
+    label_downsampler: Literal["encoder", "nearest"] = "encoder",
+    image_downsampler: Literal["encoder", "nearest"] = "encoder",
 ) -> nn.ModuleDict:
     """Build the four LDSeg modules from a preset dict (see `ldseg_preset`).
+
+    Args:
+        preset: widths (`ldseg_preset`).
+        num_classes: K.
+        in_channels: image channels.
+        label_input, latent_affine, latent_hw, dropout, decoder_bn: see `LabelEncoder` / `LabelDecoder`.
+        latent_stride: s in (4, 8, 16): the latent is (H/s, W/s).
+        label_downsampler: "encoder" (learned `LabelEncoder`) or "nearest" (`NearestLabelDownsampler`,
+            Table V).
+        image_downsampler: "encoder" (learned `ImageEncoder`) or "nearest" (`NearestImageDownsampler`).
 
     Returns:
         ``ModuleDict`` with keys "label_encoder", "image_encoder", "denoiser", "decoder".
     """
     p = dict(preset)
     drop = float(p["dropout"] if dropout is None else dropout)
+    for key, value in (("label_downsampler", label_downsampler), ("image_downsampler", image_downsampler)):
+        if value not in ("encoder", "nearest"):
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of ['encoder', 'nearest']")
+    label_enc: nn.Module
+    if label_downsampler == "nearest":
+        label_enc = NearestLabelDownsampler(num_classes, latent_stride)
+    else:
+        label_enc = LabelEncoder(
+            num_classes,
+            tuple(p["label_widths"]),
+            label_input=label_input,
+            latent_affine=latent_affine,
+            latent_hw=latent_hw,
+            dropout=drop,
+            latent_stride=latent_stride,
+        )
+    image_enc: nn.Module
+    if image_downsampler == "nearest":
+        image_enc = NearestImageDownsampler(in_channels, latent_stride)
+    else:
+        image_enc = ImageEncoder(in_channels, p["image_stem"], tuple(p["image_widths"]), p["image_heads"],
+                                 drop, latent_stride=latent_stride)
     return nn.ModuleDict(
         {
-            "label_encoder": LabelEncoder(
-                num_classes,
-                tuple(p["label_widths"]),
-                label_input=label_input,
-                latent_affine=latent_affine,
-                latent_hw=latent_hw,
-                dropout=drop,
-            ),
-            "image_encoder": ImageEncoder(
-                in_channels, p["image_stem"], tuple(p["image_widths"]), p["image_heads"], drop
-            ),
+            "label_encoder": label_enc,
+            "image_encoder": image_enc,
             "denoiser": LDSegDenoiser(2, p["denoiser_stem"], tuple(p["denoiser_widths"]), p["temb_dim"]),
-            "decoder": LabelDecoder(num_classes, tuple(p["decoder_widths"]), drop, out_bn=decoder_bn),
+            "decoder": LabelDecoder(num_classes, tuple(p["decoder_widths"]), drop, out_bn=decoder_bn,
+                                    latent_stride=latent_stride),
         }
     )

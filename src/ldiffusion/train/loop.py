@@ -293,6 +293,12 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                             step_key += ("rank", w.rank)
                         g_step = make_generator(derive_seed(generator_seed, *step_key), device)
                         batch = _to_device(batch, device)
+                        lr_mult = getattr(method, "lr_multiplier", None)  # optional per-step LR factor
+                        if lr_mult is not None:
+                            factor = float(lr_mult(stage.name, st.step, per_epoch))
+                            for name, o in opts.items():
+                                for group in o.param_groups:
+                                    group["lr"] = specs[name].lr * factor
                         in_update = True
                         with autocast(device, cfg.precision):
                             losses = method.training_step(batch, g_step, stage.name)

@@ -1,48 +1,51 @@
 """L-Diffusion (`"ldiffusion"`): Laplace latent diffusion features + contrastive loss + ConvNeXt segmenter.
 
 METHODS.md Part 1; every interpretation ([I]/[D]) is listed with its config key in ``docs/methods.md``.
+The config and presets live in `ldiffusion_config`, the chain in `ldiffusion_features`, feature stacks
+and inference in `ldiffusion_inference`, the context-independent normalisation in `ldiffusion_norm`;
+``LDiffusionConfig`` and ``LDiffusionMethod`` stay importable from here.
 
 Stages (run one after the other by `train.loop.fit`):
 
 * ``"autoencoder"`` (stage 0; skipped when ``autoencoder=RUN`` names a trained autoencoder run or ``ae`` is
   ``sd_vae:<folder>``): `nets.Autoencoder` on L1 + MSE reconstruction, all training images; afterwards the
   latent scale s = 1 / std of the training latents.
-* ``"diffusion"`` (stage 1): the time U-Net on ``L_MSE + crt_weight * L_CRT``. ``L_MSE`` = ||ε - ε̂(x_t, t)||²
-  on every training image (annotated or not), ε from the `noise` family, t ~ U{1..T_train}; with
-  ``component_schedule="per_class"`` each latent location is noised with its class's schedule (labels
-  reduced by majority vote; unlabelled locations use the base schedule). ``L_CRT`` (annotated images
-  only): the T-step grey feature stack (`ldiffusion_features.feature_stack`, graph through the frozen
-  decoder and the U-Net), resized to ``crt_resolution`` (labels nearest), standardised per tile and step,
-  up to ``crt_k`` pixels per class per tile, supervised InfoNCE with temperature ``crt_tau``. The
-  autoencoder is frozen (not optimised).
+* ``"diffusion"`` (stage 1): the time U-Net on ``L_MSE + w * L_CRT``. ``L_MSE`` = ||ε - ε̂(x_t, t)||²
+  on every training image (annotated or not), ε from the `noise` family, t ~ U{1..t_train_max} (a share
+  ``t_full_share`` from U{1..T_train}); with ``component_schedule="per_class"`` or
+  ``"per_class_iterative"`` each latent location is noised with its class's schedule (labels reduced by
+  majority vote; unlabelled locations use the base schedule). ``L_CRT`` (annotated images only): the
+  T-step feature stack (`ldiffusion_features.feature_stack`, graph through the frozen decoder and the
+  U-Net; with ``per_class_iterative`` the chain runs the labels' class schedules), resized to
+  ``crt_resolution`` (labels nearest), standardised per tile and step, up to ``crt_k`` pixels per class
+  per tile, supervised InfoNCE with temperature ``crt_tau``. Its weight w is 0 for the first
+  ``crt_warmup_steps`` steps, then ramps linearly to ``crt_weight`` (λ). The autoencoder is frozen. With
+  ``feature_norm="fixed"`` the stage ends by calibrating the GroupNorm statistics of the chain.
 * ``"segmenter"`` (stage 2): AE and U-Net frozen; a ConvNeXt + FPN (``seg_mode="dense"``) or a per-pixel
-  classifier (``"pixel"``) on the T-channel stack (+ RGB with ``seg_inputs="grey+rgb"``), soft Dice (+ CE).
+  classifier (``"pixel"``) on the feature stack (+ the image with ``seg_with_image``), soft Dice (+ CE).
   Feature noise seeds are ``derive_seed(seed, "features", id)`` per tile; ``feature_cache=DIR`` stores
   the stacks on disk (keyed by tile id and content) so later epochs reuse them.
 
-Inference: ``predict_proba`` averages ``n_samples`` noise draws (each a stack averaged over
-``feature_draws`` draws); ``predict_with_uncertainty`` returns the per-pixel spread over draws (mutual
-information / log K).
+Inference (`ldiffusion_inference`): ``predict_proba`` averages ``n_samples`` noise draws (each a stack
+averaged over ``feature_draws`` draws; ``per_class_iterative`` re-runs the chain with the predicted class
+schedules); ``predict_with_uncertainty`` returns the per-pixel spread over draws (mutual information /
+log K).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldiffusion.core.config import check_range
 from ldiffusion.core.errors import CheckpointError, ConfigError
-from ldiffusion.core.io import load_weights, read_json, save_torch
-from ldiffusion.core.rng import derive_seed
+from ldiffusion.core.io import load_weights, read_json
 from ldiffusion.diffusion.noise import make_noise
 from ldiffusion.diffusion.process import DiffusionProcess
 from ldiffusion.diffusion.schedules import (
@@ -54,247 +57,15 @@ from ldiffusion.diffusion.schedules import (
 from ldiffusion.diffusion.timesteps import training_timesteps
 from ldiffusion.losses.contrastive import info_nce_loss, sample_pixel_vectors, standardize_features
 from ldiffusion.losses.dice import soft_dice_loss
-from ldiffusion.methods import base as _base
-from ldiffusion.methods.base import MethodConfig, OptimizerSpec, Segmenter, Stage, inference_autocast
-from ldiffusion.methods.ldiffusion_features import (
-    feature_cache_path,
-    feature_stack,
-    feature_timesteps,
-    generators_for,
-)
+from ldiffusion.methods.base import MethodConfig, OptimizerSpec, Segmenter, Stage
+from ldiffusion.methods.ldiffusion_config import LDIFFUSION_PRESETS, LDiffusionConfig
+from ldiffusion.methods.ldiffusion_features import feature_stack, generators_for
+from ldiffusion.methods.ldiffusion_inference import LDiffusionInference
+from ldiffusion.methods.ldiffusion_norm import install_context_free_norms
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LDiffusionConfig", "LDiffusionMethod"]
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LDiffusionConfig(MethodConfig):
-    """L-Diffusion config (METHODS.md Part 1 §8 keys).
-
-    Note: ``steps`` is the number T of reverse steps / feature maps (the paper's ablation key), NOT an
-    optimiser step count; the stages have ``ae_steps``, ``diffusion_steps`` and ``seg_steps``. ``lr`` and
-    ``batch_size`` (from `MethodConfig`) are those of the segmenter stage; ``epochs`` is unused
-    (use ``ae_epochs``, ``diffusion_epochs``, ``seg_epochs``).
-
-    Attributes:
-        ae: autoencoder: preset name of `nets.autoencoder_preset` ("tiny", "small") or
-            ``"sd_vae:<folder>"`` (a local diffusers AutoencoderKL, frozen, stage 0 skipped).
-        autoencoder: run folder of a trained ``autoencoder`` method (stage 0 skipped; its ``ae`` preset must
-            equal ``ae``).
-        ae_steps, ae_epochs, ae_lr, ae_batch_size: stage 0 optimisation.
-        unet: `nets.unet_preset` name of the ε-predictor.
-        unet_init: "random" or "pretrained:<file.safetensors>" (TimeUNet state dict, keys optionally "unet.").
-        train_timesteps: T_train of the scaled-linear schedule (βs scaled by 1000 / T_train).
-        beta_start, beta_end: base scaled-linear end points (SD-1.5: 0.00085, 0.012).
-        noise: forward / reverse noise family (Table 4-5 ablation).
-        noise_scale_convention: Laplace scale: "unit_variance" (b = 1/√2) or "unit_scale" (b = 1, the code).
-        student_nu: Student's t degrees of freedom (> 2, rescaled to unit variance).
-        noise_clip: clamp Cauchy draws to [-clip, clip] (None = no clipping; MSE may explode).
-        contrastive: add L_CRT in stage 1 (Table 4 ablation).
-        crt_weight: λ. crt_k: K pixels per class per tile. crt_tau: τ. crt_sim: similarity.
-        crt_resolution: R_crt, side the feature stack is resized to before sampling (labels nearest).
-        crt_backprop: "full" | "checkpoint" (activation checkpointing, same gradients) | "last_k".
-        crt_last_k: steps that carry gradients with ``crt_backprop="last_k"``.
-        crt_every: compute L_CRT every this many stage-1 steps.
-        diffusion_steps, diffusion_epochs, diffusion_lr, diffusion_batch_size: stage 1 optimisation.
-        steps: T, reverse steps = feature maps per pixel vector.
-        t_start: τ_1, first timestep of the chain (1-based; default T_train / 2).
-        eta: DDIM η of the reverse steps (1 = re-spaced DDPM with same-family noise).
-        feature_mode: "chain" (T successive steps) or "independent" (T one-step denoisings).
-        decode_target: decode "latent" x_{τ_{k+1}} or "x0" (x̂0) after each step.
-        feature_draws: stacks of this many noise draws are averaged into one feature stack.
-        component_schedule: "shared" (N = 1) or "per_class" (per-class γ at training; base schedule at
-        inference).
-        component_gamma: explicit γ_n per class (default: spread over [0.8, 1.2] by pixel-frequency rank).
-        seg: `nets.convnext_preset` name of the segmenter. seg_mode: "dense" (ConvNeXt + FPN) or "pixel".
-        seg_loss: "dice" or "dice+ce". seg_inputs: "grey" (paper) or "grey+rgb".
-        seg_steps, seg_epochs: stage 2 optimisation (lr / batch_size: the `MethodConfig` fields).
-        feature_cache: folder for cached stage-2 feature stacks (None = recompute every step).
-    """
-
-    preset: str = "tiny"
-    crop_px: int = 64
-    batch_size: int = 4
-    lr: float = 1e-3
-    # stage 0
-    ae: str = "tiny"
-    autoencoder: str | None = None
-    ae_steps: int = 100
-    ae_epochs: int | None = None
-    ae_lr: float = 2e-3
-    ae_batch_size: int = 4
-    # diffusion
-    unet: str = "tiny"
-    unet_init: str = "random"
-    train_timesteps: int = 100
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    noise: Literal["laplace", "gaussian", "cauchy", "student_t"] = "laplace"
-    noise_scale_convention: Literal["unit_variance", "unit_scale"] = "unit_variance"
-    student_nu: float = 3.0
-    noise_clip: float | None = None
-    contrastive: bool = True
-    crt_weight: float = 1.0
-    crt_k: int = 8
-    crt_tau: float = 0.07
-    crt_sim: Literal["cosine", "dot", "neg_sq_euclid"] = "cosine"
-    crt_resolution: int = 64
-    crt_backprop: Literal["full", "checkpoint", "last_k"] = "checkpoint"
-    crt_last_k: int = 1
-    crt_every: int = 1
-    diffusion_steps: int = 40
-    diffusion_epochs: int | None = None
-    diffusion_lr: float = 1e-4
-    diffusion_batch_size: int = 2
-    # features
-    steps: int = 3
-    t_start: int = 20
-    eta: float = 1.0
-    feature_mode: Literal["chain", "independent"] = "chain"
-    decode_target: Literal["latent", "x0"] = "latent"
-    feature_draws: int = 1
-    component_schedule: Literal["shared", "per_class"] = "shared"
-    component_gamma: tuple[float, ...] | None = None
-    # segmenter
-    seg: str = "tiny"
-    seg_mode: Literal["dense", "pixel"] = "dense"
-    seg_loss: Literal["dice", "dice+ce"] = "dice+ce"
-    seg_inputs: Literal["grey", "grey+rgb"] = "grey"
-    seg_steps: int = 150
-    seg_epochs: int | None = None
-    feature_cache: str | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for key in (
-            "ae_steps",
-            "ae_batch_size",
-            "diffusion_steps",
-            "diffusion_batch_size",
-            "seg_steps",
-            "crt_k",
-            "crt_resolution",
-            "crt_last_k",
-            "crt_every",
-            "feature_draws",
-            "train_timesteps",
-        ):
-            check_range(key, getattr(self, key), 1)
-        for key in ("ae_epochs", "diffusion_epochs", "seg_epochs"):
-            if getattr(self, key) is not None:
-                check_range(key, getattr(self, key), 1)
-        for key in ("ae_lr", "diffusion_lr", "crt_tau"):
-            check_range(key, getattr(self, key), 0.0, lo_open=True)
-        check_range("crt_weight", self.crt_weight, 0.0)
-        check_range("eta", self.eta, 0.0)
-        check_range("beta_start", self.beta_start, 0.0, 1.0, lo_open=True)
-        check_range("beta_end", self.beta_end, self.beta_start, 1.0)
-        if self.student_nu <= 2:
-            raise ConfigError(
-                f"student_nu={self.student_nu} is not valid; need nu > 2 (unit-variance rescaling)"
-            )
-        if self.noise_clip is not None:
-            check_range("noise_clip", self.noise_clip, 0.0, lo_open=True)
-        feature_timesteps(self.steps, self.t_start, self.train_timesteps)  # raises ConfigError when invalid
-        if not (self.ae in ("tiny", "small") or self.ae.startswith("sd_vae")):
-            raise ConfigError(f"ae={self.ae!r} is not valid; choose 'tiny', 'small' or 'sd_vae:<folder>'")
-        if self.ae == "sd_vae" or self.ae == "sd_vae:":
-            raise ConfigError(
-                "ae='sd_vae' needs the folder of a diffusers AutoencoderKL: "
-                "--set ae=sd_vae:/path/to/stable-diffusion-v1-5/vae"
-            )
-        if self.ae.startswith("sd_vae") and self.autoencoder is not None:
-            raise ConfigError("give either ae=sd_vae:<folder> or autoencoder=<run>, not both")
-        if not (self.unet_init == "random" or self.unet_init.startswith("pretrained:")):
-            raise ConfigError(
-                f"unet_init={self.unet_init!r} is not valid; use 'random' or 'pretrained:<file.safetensors>'"
-            )
-        if self.component_gamma is not None and (
-            not self.component_gamma or any(g <= 0 for g in self.component_gamma)
-        ):
-            raise ConfigError(
-                f"component_gamma={list(self.component_gamma)} should be positive numbers, one per class"
-            )
-
-
-_TINY: dict[str, Any] = {
-    "crop_px": 64,
-    "batch_size": 4,
-    "lr": 2e-3,
-    "ae": "tiny",
-    "ae_steps": 100,
-    "ae_lr": 2e-3,
-    "ae_batch_size": 4,
-    "unet": "tiny",
-    "train_timesteps": 100,
-    "steps": 3,
-    "t_start": 20,
-    "eta": 1.0,
-    "crt_k": 8,
-    "crt_tau": 0.07,
-    "crt_weight": 1.0,
-    "crt_resolution": 64,
-    "crt_backprop": "full",
-    "diffusion_lr": 1e-4,
-    "diffusion_batch_size": 2,
-    "diffusion_steps": 30,
-    "seg": "tiny",
-    "seg_steps": 150,
-    "val_every": 50,
-    "ckpt_every": 50,
-}
-_SMALL: dict[str, Any] = {
-    "precision": "auto",
-    "crop_px": 128,
-    "batch_size": 8,
-    "lr": 1e-3,
-    "ae": "small",
-    "ae_steps": 1500,
-    "ae_lr": 1e-3,
-    "ae_batch_size": 8,
-    "unet": "small",
-    "train_timesteps": 1000,
-    "steps": 5,
-    "t_start": 200,  # chosen on MoNuSeg validation Dice: 0.652 vs 0.553 at 500 (docs/methods.md)
-    "eta": 1.0,
-    "crt_k": 32,
-    "crt_tau": 0.07,
-    "crt_weight": 1.0,
-    "crt_resolution": 64,
-    "diffusion_lr": 1e-4,
-    "diffusion_batch_size": 2,
-    "diffusion_steps": 256,
-    "seg": "small",
-    "seg_steps": 400,
-    "val_every": 100,
-    "ckpt_every": 100,
-    **_base.STAIN_AUGMENTATION,
-}
-_PAPER: dict[str, Any] = {
-    "precision": "auto",
-    "crop_px": 512,
-    "batch_size": 32,
-    "lr": 1e-3,
-    "ae": "sd_vae",
-    "unet": "paper",
-    "train_timesteps": 1000,
-    "steps": 10,
-    "t_start": 500,
-    "eta": 1.0,
-    "crt_k": 100,
-    "crt_tau": 0.07,
-    "crt_weight": 1.0,
-    "crt_resolution": 64,
-    "diffusion_lr": 1e-5,
-    "diffusion_batch_size": 1,
-    "diffusion_epochs": 100,
-    "seg": "paper",
-    "seg_epochs": 50,
-    "val_every": 1000,
-    "ckpt_every": 500,
-    **_base.STAIN_AUGMENTATION,
-}
 
 
 class _PixelClassifier(nn.Module):
@@ -314,13 +85,13 @@ class _PixelClassifier(nn.Module):
         return self.net(x)
 
 
-class LDiffusionMethod(Segmenter):
+class LDiffusionMethod(LDiffusionInference, Segmenter):
     """L-Diffusion segmenter (stages "autoencoder", "diffusion", "segmenter"; see the module docstring)."""
 
     name: ClassVar[str] = "ldiffusion"
     stage_step_keys: ClassVar[tuple[str, ...]] = ("ae_steps", "diffusion_steps", "seg_steps")
     config_cls: ClassVar[type[MethodConfig]] = LDiffusionConfig
-    presets: ClassVar[dict[str, dict[str, Any]]] = {"tiny": _TINY, "small": _SMALL, "paper": _PAPER}
+    presets: ClassVar[dict[str, dict[str, Any]]] = LDIFFUSION_PRESETS
 
     def __init__(
         self,
@@ -355,10 +126,19 @@ class LDiffusionMethod(Segmenter):
         self.unet = TimeUNet(c, c, **unet_preset(cfg.unet))
         if cfg.unet_init.startswith("pretrained:"):
             self._load_unet(Path(cfg.unet_init.split(":", 1)[1]))
-        seg_in = cfg.steps + (3 if cfg.seg_inputs == "grey+rgb" else 0)
+        if cfg.feature_norm == "fixed":
+            install_context_free_norms(self.ae, cfg.steps)
+            install_context_free_norms(self.unet, cfg.steps)
+        seg_in = cfg.steps * cfg.maps_per_step + (3 if cfg.with_image else 0)
         self.seg: nn.Module
         if cfg.seg_mode == "dense":
-            self.seg = ConvNeXtSegmenter(seg_in, num_classes, **convnext_preset(cfg.seg))
+            self.seg = ConvNeXtSegmenter(
+                seg_in,
+                num_classes,
+                **convnext_preset(cfg.seg),
+                head_stride=cfg.seg_head_stride,
+                decoder_norm="layer" if cfg.feature_norm == "fixed" else "group",
+            )
             seg_div = int(self.seg.encoder.divisor)
         else:
             self.seg = _PixelClassifier(seg_in, num_classes)
@@ -377,6 +157,7 @@ class LDiffusionMethod(Segmenter):
             )
         self.register_buffer("component_gammas", torch.tensor(gam, dtype=torch.float64))
         self.register_buffer("crt_counter", torch.zeros((), dtype=torch.long))
+        self.register_buffer("norm_calibrated", torch.zeros((), dtype=torch.bool))
         self.process = self._make_process()
         self._component: ComponentSchedule | None = None
 
@@ -511,25 +292,43 @@ class LDiffusionMethod(Segmenter):
             f"stage={stage!r} is not a stage of ldiffusion; expected one of {[s.name for s in self.stages()]}"
         )
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Return scaled latents s·E(2x-1).mean (B, c, h, w) of images in [0, 1] (no gradients)."""
-        with torch.no_grad():
-            return self.ae.encode(self.preprocess(images) * 2.0 - 1.0).mean * float(self.ae.scaling_factor)
+    def training_timesteps(
+        self, batch: int, generator: torch.Generator, device: torch.device
+    ) -> torch.Tensor:
+        """Draw the denoiser's training timesteps (B,), 0-based: U{1..t_train_max}, a share U{1..T_train}.
+
+        With ``t_train_max = T_train`` and ``t_full_share = 0`` the draws are those of the paper's
+        U{1..T_train} (same generator calls as before issue 19).
+        """
+        cfg: LDiffusionConfig = self.cfg  # type: ignore[assignment]
+        t = training_timesteps(batch, cfg.t_train_high, generator, device=device)
+        if cfg.t_full_share > 0 and cfg.t_train_high < self.process.T:
+            full = torch.rand(batch, generator=generator, device=generator.device) < cfg.t_full_share
+            t_full = training_timesteps(batch, self.process.T, generator, device=device)
+            t = torch.where(full.to(device), t_full, t)
+        return t
+
+    def noised_latents(
+        self, z0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (x_t, ε, t) of the denoiser's training step for latents z0 (B, c, h, w).
+
+        With ``component_schedule`` "per_class" / "per_class_iterative" and labels (B, H, W), each latent
+        location is noised with its majority class's ᾱ_(n,t) (unlabelled cells: the base schedule).
+        """
+        cfg: LDiffusionConfig = self.cfg  # type: ignore[assignment]
+        t = self.training_timesteps(z0.shape[0], generator, z0.device)
+        eps = self.process.noise.sample(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+        if cfg.component_schedule != "shared" and labels is not None:
+            comp = reduce_labels_majority(labels, int(self.ae.downsample_factor), self.num_classes)
+            ab = self._component_schedule().alphas_cumprod_map(t, comp)
+            return self.process.add_noise(z0, eps, alphas_cumprod=ab), eps, t
+        return self.process.add_noise(z0, eps, t), eps, t
 
     def _mse_loss(
         self, z0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator
     ) -> torch.Tensor:
-        cfg = self.cfg
-        assert isinstance(cfg, LDiffusionConfig)
-        B = z0.shape[0]
-        t = training_timesteps(B, self.process.T, generator, device=z0.device)
-        eps = self.process.noise.sample(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
-        if cfg.component_schedule == "per_class" and labels is not None:
-            comp = reduce_labels_majority(labels, int(self.ae.downsample_factor), self.num_classes)
-            ab = self._component_schedule().alphas_cumprod_map(t, comp)
-            xt = self.process.add_noise(z0, eps, alphas_cumprod=ab)
-        else:
-            xt = self.process.add_noise(z0, eps, t)
+        xt, eps, t = self.noised_latents(z0, labels, generator)
         return F.mse_loss(self.unet(xt, t).float(), eps.float())
 
     def _diffusion_step(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -542,17 +341,23 @@ class LDiffusionMethod(Segmenter):
         annotated = torch.as_tensor(annotated, dtype=torch.bool, device=images.device)
         z0 = self.encode(images)
         mse = self._mse_loss(z0, labels, generator)
+        weight = cfg.crt_weight_at(int(self.crt_counter))  # steps trained before this one
         self.crt_counter += 1
         crt = mse.new_zeros(())
         if (
             cfg.contrastive
-            and cfg.crt_weight > 0
+            and weight > 0
             and int(self.crt_counter) % cfg.crt_every == 0
             and bool(annotated.any())
         ):
             idx = torch.nonzero(annotated).flatten()
             crt = self.contrastive_loss(images[idx], labels[idx], generator, z0=z0[idx])
-        return {"unet": mse + cfg.crt_weight * crt, "log/mse": mse.detach(), "log/crt": crt.detach()}
+        return {
+            "unet": mse + weight * crt,
+            "log/mse": mse.detach(),
+            "log/crt": crt.detach(),
+            "log/crt_weight": mse.new_tensor(weight),
+        }
 
     def contrastive_loss(
         self,
@@ -569,6 +374,10 @@ class LDiffusionMethod(Segmenter):
         seeds = torch.randint(
             0, 2**62, (images.shape[0],), generator=generator, device=generator.device
         ).tolist()
+        comp = table = None
+        if cfg.component_schedule == "per_class_iterative":  # the chain the re-runs use, with the labels
+            comp = reduce_labels_majority(labels, int(self.ae.downsample_factor), self.num_classes)
+            table = self.component_table()
         feats = feature_stack(
             self.ae,
             self.unet,
@@ -584,6 +393,9 @@ class LDiffusionMethod(Segmenter):
             backprop=cfg.crt_backprop,
             last_k=cfg.crt_last_k,
             z0=z0,
+            channels=cfg.feature_channels,
+            component_map=comp,
+            component_table=table,
         )
         feats, lab = self._to_crt_resolution(feats, labels)
         if cfg.crt_sim != "dot":
@@ -602,71 +414,21 @@ class LDiffusionMethod(Segmenter):
             labels = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
         return feats, labels
 
-    # ------------------------------------------------------------------ features and segmenter
-    def features(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        """Return the feature stack (B, T, H, W), averaged over ``feature_draws`` draws, without gradients.
-
-        Args:
-            images: (B, 3, H, W) in [0, 1].
-            seeds: one noise seed per image (draw d uses ``derive_seed(seed, d)`` for d > 0).
-        """
-        cfg = self.cfg
-        assert isinstance(cfg, LDiffusionConfig)
-        with torch.no_grad():
-            z0 = self.encode(images)
-            acc = None
-            for d in range(cfg.feature_draws):
-                sd = list(seeds) if d == 0 else [derive_seed(s, d) for s in seeds]
-                f = feature_stack(
-                    self.ae,
-                    self.unet,
-                    self.process,
-                    images,
-                    steps=cfg.steps,
-                    t_start=cfg.t_start,
-                    eta=cfg.eta,
-                    seeds=sd,
-                    feature_mode=cfg.feature_mode,
-                    decode_target=cfg.decode_target,
-                    z0=z0,
-                )
-                acc = f if acc is None else acc + f
-            assert acc is not None
-            return acc / cfg.feature_draws
-
-    def _train_features(self, images: torch.Tensor, ids: Sequence[str]) -> torch.Tensor:
-        cfg = self.cfg
-        assert isinstance(cfg, LDiffusionConfig)
-        seeds = [derive_seed(cfg.seed, "features", i) for i in ids]
-        if cfg.feature_cache is None:
-            return self.features(images, seeds)
-        cache = Path(cfg.feature_cache)
-        cache.mkdir(parents=True, exist_ok=True)
-        out = []
-        for b, case_id in enumerate(ids):
-            key = hashlib.sha1(images[b].detach().cpu().numpy().tobytes()).hexdigest()[:16]
-            path = feature_cache_path(cache, case_id, key)
-            if path.is_file():
-                out.append(torch.load(path, map_location=images.device, weights_only=True)[None])
-                continue
-            f = self.features(images[b : b + 1], seeds[b : b + 1])
-            save_torch(path, f[0].cpu())
-            out.append(f)
-        return torch.cat(out)
-
-    def segment(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """Return segmenter logits (B, K, H, W) of a feature stack (B, T, H, W) in [0, 1] (and the images)."""
-        x = features * 2.0 - 1.0
-        if self.cfg.seg_inputs == "grey+rgb":  # type: ignore[attr-defined]
-            x = torch.cat([x, images * 2.0 - 1.0], dim=1)
-        return self.seg(x)
-
     def _segmenter_step(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         assert isinstance(cfg, LDiffusionConfig)
         images, target = batch["image"], batch["label"]
         ids = batch.get("id") or [str(i) for i in range(images.shape[0])]
-        feats = self._train_features(images, list(ids))
+        comp = None
+        if cfg.component_schedule == "per_class_iterative" and cfg.per_class_seg_share > 0:
+            # a share of the tiles runs the chain with their labels' class schedules (what the re-runs
+            # see at inference); the others (and unlabelled cells) the base schedule
+            use = torch.rand(images.shape[0], generator=generator, device=generator.device)
+            use = (use < cfg.per_class_seg_share).to(target.device)
+            if bool(use.any()):
+                comp = reduce_labels_majority(target, int(self.ae.downsample_factor), self.num_classes)
+                comp = torch.where(use[:, None, None], comp, torch.full_like(comp, 255))
+        feats = self._train_features(images, list(ids), comp)
         logits = self.segment(feats, images)
         dice = soft_dice_loss(logits, target, ignore_index=255)
         out = {"log/dice": dice.detach()}
@@ -680,71 +442,6 @@ class LDiffusionMethod(Segmenter):
             loss = loss + ce
             out["log/ce"] = ce.detach()
         return {"segmenter": loss, **out}
-
-    def _draw_seeds(self, generator: torch.Generator | None, n: int) -> list[int]:
-        if generator is None:
-            base = derive_seed(self.cfg.seed, "predict")
-        else:
-            base = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        return [derive_seed(base, "tile", b) for b in range(n)]
-
-    def _check_size(self, images: torch.Tensor) -> None:
-        h, w = images.shape[-2:]
-        d = self.size_divisor
-        if images.ndim != 4 or h % d or w % d:
-            raise ValueError(
-                f"expected (B, 3, H, W) with H, W divisible by {d}, got {tuple(images.shape)}; "
-                f"pad to ({-(-h // d) * d}, {-(-w // d) * d})"
-            )
-
-    def _sample_probs(
-        self, images: torch.Tensor, generator: torch.Generator | None, n_samples: int
-    ) -> list[torch.Tensor]:
-        self._check_size(images)
-        images = self.preprocess(images)
-        probs = []
-        with torch.no_grad():
-            for s in range(n_samples):
-                seeds = (
-                    self._draw_seeds(generator, images.shape[0])
-                    if s == 0 or generator is not None
-                    else [derive_seed(x, s) for x in self._draw_seeds(None, images.shape[0])]
-                )
-                feats = self.features(images, seeds)
-                probs.append(torch.softmax(self.segment(feats, images).float(), dim=1))
-        return probs
-
-    @inference_autocast
-    def predict_proba(
-        self, images: torch.Tensor, *, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Return class probabilities (B, K, H, W), the mean over ``n_samples`` noise draws.
-
-        Args:
-            images: (B, 3, H, W) float32 in [0, 1], H and W multiples of `size_divisor`.
-            generator: drives the per-tile noise seeds (None: seeds derived from the config seed).
-        """
-        return torch.stack(self._sample_probs(images, generator, self.cfg.n_samples)).mean(0)
-
-    @inference_autocast
-    def predict_with_uncertainty(
-        self, images: torch.Tensor, *, generator: torch.Generator | None = None, n_samples: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return `(probs (B, K, H, W), uncertainty (B, H, W) in [0, 1])` over S noise draws.
-
-        With S > 1 the uncertainty is the spread over the draws: the mutual information
-        H(mean p) - mean H(p), divided by log K. With S = 1 it is the normalised entropy of p.
-        """
-        S = int(n_samples if n_samples is not None else max(self.cfg.n_samples, 1))
-        draws = torch.stack(self._sample_probs(images, generator, S))  # (S, B, K, H, W)
-        probs = draws.mean(0)
-
-        def entropy(p: torch.Tensor) -> torch.Tensor:
-            return -(p * torch.log(p.clamp_min(1e-12))).sum(-3)
-
-        norm = max(math.log(probs.shape[1]), 1e-12)
-        unc = entropy(probs) - entropy(draws).mean(0) if S > 1 else entropy(probs)
-        return probs, (unc / norm).clamp(0.0, 1.0)
 
     # ------------------------------------------------------------------ validation and hooks
     def validation_score(
@@ -773,10 +470,16 @@ class LDiffusionMethod(Segmenter):
         return float(sum(vals) / max(len(vals), 1))
 
     def on_stage_end(self, stage: str, train_batches: Iterable[dict[str, Any]]) -> None:
-        """After stage 0: set the latent scale s = 1/std and (per_class) γ_n from label frequencies."""
+        """After stage 0: set the latent scale s = 1/std and (per_class) γ_n from label frequencies.
+        After stage 1 with ``feature_norm="fixed"``: calibrate the chain's GroupNorm statistics.
+        """
+        cfg = self.cfg
+        if stage == "diffusion" and isinstance(cfg, LDiffusionConfig) and cfg.feature_norm == "fixed":
+            n = self.calibrate_feature_norms(train_batches, cfg.norm_calibration_batches)
+            logger.info("feature_norm=fixed: GroupNorm statistics calibrated on %d training crops", n)
+            return
         if stage != "autoencoder":
             return
-        cfg = self.cfg
         assert isinstance(cfg, LDiffusionConfig)
         zs, counts = [], torch.zeros(self.num_classes, dtype=torch.float64)
         with torch.no_grad():

@@ -10,7 +10,14 @@ METHODS.md Part 1 §2-§3 (steps 0-6 of the data flow). For images x (B, 3, H, W
 4. r_k = D(x_{τ_{k+1}} / s) (``decode_target="latent"``) or D(x̂0 / s) (``"x0"``), in [-1, 1], mapped
    to [0, 1];
 5. grey g_k = 0.2989 R + 0.5870 G + 0.1140 B (BT.601, the weights of the authors' code);
-6. F = stack(g_1..g_T): (B, T, H, W).
+   ``channels="rgb"`` keeps the 3 decoded colour maps instead, ``"grey+rgb"`` both (grey first);
+6. F = stack(g_1..g_T): (B, T, H, W) (T·3 or T·4 channels with colour, step-major).
+
+Per-location schedules (``component_schedule="per_class_iterative"``): with ``component_map`` (B, h, w)
+class ids and ``component_table`` (N+1, T_train) ᾱ per class (row N: the base schedule, used for ids
+outside [0, N)), every latent location is noised and denoised with its own class's ᾱ: the forward noising
+x_{τ_1} = √ᾱ_(n,τ_1)·z0 + √(1-ᾱ_(n,τ_1))·ε and each generalised-DDIM step use ᾱ_(n,τ) element-wise (the
+U-Net still receives the shared step index τ, as in training).
 
 Timesteps (1-based, paper notation): τ_k = round(t_start·(T-k+1)/T), k = 1..T, τ_{T+1} = 0 (clean, ᾱ := 1).
 The process indexes ᾱ from 0, so τ is passed as τ - 1 (τ_{T+1} = 0 -> index -1).
@@ -40,7 +47,15 @@ from ldiffusion.core.errors import ConfigError, InputError
 from ldiffusion.core.rng import derive_seed, make_generator
 from ldiffusion.diffusion.process import DiffusionProcess
 
-__all__ = ["BT601", "feature_cache_path", "feature_stack", "feature_timesteps", "generators_for", "to_grey"]
+__all__ = [
+    "BT601",
+    "decoded_maps",
+    "feature_cache_path",
+    "feature_stack",
+    "feature_timesteps",
+    "generators_for",
+    "to_grey",
+]
 
 #: ITU-R BT.601 luma weights, as used by the authors' code (PIL "L" conversion).
 BT601 = (0.2989, 0.5870, 0.1140)
@@ -48,6 +63,7 @@ BT601 = (0.2989, 0.5870, 0.1140)
 FeatureMode = Literal["chain", "independent"]
 DecodeTarget = Literal["latent", "x0"]
 Backprop = Literal["full", "checkpoint", "last_k"]
+FeatureChannels = Literal["grey", "rgb", "grey+rgb"]
 
 
 def feature_cache_path(cache_dir: str | Path, case_id: str, key: str) -> Path:
@@ -75,6 +91,7 @@ def feature_cache_path(cache_dir: str | Path, case_id: str, key: str) -> Path:
         )
     return Path(cache_dir) / f"{case_id}_{key}.pt"
 
+
 def to_grey(images: Tensor) -> Tensor:
     """Return BT.601 grey maps (B, 1, H, W) of RGB images (B, 3, H, W) (any range; the formula is linear).
 
@@ -86,6 +103,69 @@ def to_grey(images: Tensor) -> Tensor:
         raise InputError(f"to_grey: expected (B, 3, H, W), got {tuple(images.shape)}")
     w = images.new_tensor(BT601).view(1, 3, 1, 1)
     return (images * w).sum(1, keepdim=True)
+
+
+def decoded_maps(images01: Tensor, channels: FeatureChannels = "grey") -> Tensor:
+    """Return the maps one decoded step adds to the stack: (B, 1 | 3 | 4, H, W) of images (B, 3, H, W).
+
+    Args:
+        images01: decoded images in [0, 1].
+        channels: "grey" (BT.601, the paper), "rgb" (the 3 colour maps) or "grey+rgb" (grey first).
+
+    Raises:
+        ConfigError: unknown `channels`.
+    """
+    if channels == "grey":
+        return to_grey(images01)
+    if channels == "rgb":
+        return images01
+    if channels == "grey+rgb":
+        return torch.cat([to_grey(images01), images01], dim=1)
+    raise ConfigError(
+        f"feature_channels={channels!r} is not valid; choose one of ['grey', 'rgb', 'grey+rgb']"
+    )
+
+
+def abar_map(table: Tensor, component_map: Tensor, t: int) -> Tensor:
+    """Return per-location ᾱ (B, 1, h, w) float64 of step index t (-1 = clean, ᾱ = 1).
+
+    Args:
+        table: (N+1, T) float64 ᾱ per class; row N is the base schedule.
+        component_map: (B, h, w) integer class ids; ids outside [0, N) use row N.
+        t: 0-based step index in [-1, T).
+    """
+    n = table.shape[0] - 1
+    cm = component_map.long()
+    ids = torch.where((cm >= 0) & (cm < n), cm, torch.full_like(cm, n))
+    if t < 0:
+        return torch.ones(ids.shape, dtype=torch.float64, device=ids.device).unsqueeze(1)
+    return table.to(ids.device)[:, t][ids].unsqueeze(1)
+
+
+def _ddim_step_map(
+    x: Tensor,
+    eps_hat: Tensor,
+    ab_t: Tensor,
+    ab_p: Tensor,
+    eta: float,
+    draw: Callable[[torch.Generator], Tensor],
+    generators: Sequence[torch.Generator],
+) -> tuple[Tensor, Tensor]:
+    """Generalised DDIM step with per-location ᾱ (float64 (B, 1, h, w)): return (x_{t'}, x̂0).
+
+    Same formula as `DiffusionProcess.ddim_step` with ᾱ_t, ᾱ_{t'} element-wise; ξ per sample from its
+    own generator (drawn only when eta > 0, in the same order as the shared path).
+    """
+    one_m = 1.0 - ab_t
+    safe = torch.where(one_m > 0, one_m, torch.ones_like(one_m))
+    var = ((1.0 - ab_p) / safe * (1.0 - ab_t / ab_p)).clamp(min=0)
+    sigma = float(eta) * torch.where(one_m > 0, var, torch.zeros_like(var)).sqrt()
+    dt = x.dtype
+    x0_hat = (x - one_m.clamp(min=0).sqrt().to(dt) * eps_hat) / ab_t.sqrt().to(dt)
+    out = ab_p.sqrt().to(dt) * x0_hat + (1.0 - ab_p - sigma**2).clamp(min=0).sqrt().to(dt) * eps_hat
+    if eta > 0:
+        out = out + sigma.to(dt) * _per_sample(draw, generators)
+    return out, x0_hat
 
 
 def feature_timesteps(steps: int, t_start: int, num_train_timesteps: int) -> list[int]:
@@ -159,8 +239,12 @@ def feature_stack(
     last_k: int = 1,
     scaling_factor: float | None = None,
     z0: Tensor | None = None,
+    channels: FeatureChannels = "grey",
+    component_map: Tensor | None = None,
+    component_table: Tensor | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> Tensor:
-    """Compute the T-step grey feature stack of images.
+    """Compute the T-step feature stack of images (grey maps by default).
 
     Args:
         ae: autoencoder with ``encode(x in [-1, 1]).mean``, ``decode(z) in [-1, 1]`` and ``scaling_factor``.
@@ -179,9 +263,16 @@ def feature_stack(
         last_k: number of final steps that carry gradients with ``backprop="last_k"``.
         scaling_factor: latent scale s (default ``ae.scaling_factor``).
         z0: precomputed scaled latents (B, c, h, w) (skips the encoder).
+        channels: maps per decoded step: "grey" (1), "rgb" (3) or "grey+rgb" (4).
+        component_map: (B, h, w) class ids at latent resolution: per-location schedules (module
+            docstring); None = the process's shared schedule.
+        component_table: (N+1, T_train) float64 ᾱ per class (row N = base); required with
+            `component_map`.
+        on_step: called with k before step k's U-Net call (k = 0..T-1); selects per-step statistics of
+            calibrated normalisation layers (`ldiffusion_norm`).
 
     Returns:
-        (B, T, H, W) float32 grey maps in [0, 1].
+        (B, T·m, H, W) float32 maps in [0, 1], m = 1, 3 or 4 per step (step-major).
 
     Raises:
         InputError: bad shapes or generator count.
@@ -205,6 +296,13 @@ def feature_stack(
         with torch.no_grad():
             z0 = ae.encode(images.float() * 2.0 - 1.0).mean * s
     z0 = z0.detach()
+    if component_map is not None and (
+        component_table is None or tuple(component_map.shape) != (B, *z0.shape[-2:])
+    ):
+        raise InputError(
+            f"feature_stack: component_map needs component_table and shape (B, h, w) = {(B, *z0.shape[-2:])}"
+            f" of the latent, got {tuple(component_map.shape)}"
+        )
     shape1 = (1, *z0.shape[1:])
     noise = process.noise
 
@@ -225,6 +323,10 @@ def feature_stack(
 
     def step(x: Tensor, t: int, tp: int, eps_hat: Tensor) -> tuple[Tensor, Tensor]:
         """Return (x_{t_prev}, x̂0), with per-sample ξ."""
+        if component_map is not None:
+            ab_t = abar_map(component_table, component_map, t)
+            ab_p = abar_map(component_table, component_map, tp)
+            return _ddim_step_map(x, eps_hat, ab_t, ab_p, eta, draw, generators)
         outs = [
             process.ddim_step(eps_hat[b : b + 1], t, tp, x[b : b + 1], eta=eta, generator=generators[b])
             for b in range(B)
@@ -232,14 +334,21 @@ def feature_stack(
         x0_hat = process.predict_x0(x, eps_hat, t)
         return torch.cat(outs), x0_hat
 
+    def noised(t: int) -> Tensor:
+        if component_map is None:
+            return process.add_noise(z0, eps0, t)
+        return process.add_noise(z0, eps0, alphas_cumprod=abar_map(component_table, component_map, t))
+
     maps = []
-    x = process.add_noise(z0, eps0, ts[0])
+    x = noised(ts[0])
     for k in range(steps):
         t, tp = ts[k], ts[k + 1]
         with_grad = grad and k >= first_grad_step
+        if on_step is not None:
+            on_step(k)
         with torch.set_grad_enabled(with_grad):
             if feature_mode == "independent":
-                x = process.add_noise(z0, eps0, t)
+                x = noised(t)
             elif feature_mode != "chain":
                 raise ConfigError(
                     f"feature_mode={feature_mode!r} is not valid; choose one of ['chain', 'independent']"
@@ -258,5 +367,5 @@ def feature_stack(
                     f"decode_target={decode_target!r} is not valid; choose one of ['latent', 'x0']"
                 )
             img = _maybe_ckpt(decode, use_ckpt, target)
-            maps.append(to_grey((img.float().clamp(-1.0, 1.0) + 1.0) / 2.0))
+            maps.append(decoded_maps((img.float().clamp(-1.0, 1.0) + 1.0) / 2.0, channels))
     return torch.cat(maps, dim=1)

@@ -4,8 +4,9 @@
 stages of blocks ``dwconv7x7 -> LayerNorm -> Linear(4d) -> GELU -> Linear(d) -> layer scale -> drop path``,
 and LayerNorm + conv k2 s2 between stages. It exposes timm's contract: ``forward_features``,
 ``forward_intermediates`` and ``feature_info``. `ConvNeXtSegmenter` adds `FPNDecoder`, which fuses all stages
-and upsamples the logits to the input size. `TimmSegmenter` does the same on any timm ``features_only``
-backbone (optional ``timm`` extra).
+and upsamples the logits to the input size; ``head_stride`` (1 or 2, finer than the stem stride) adds
+upsampling stages that each fuse the input, average-pooled to their stride, before the classifier.
+`TimmSegmenter` does the same on any timm ``features_only`` backbone (optional ``timm`` extra).
 """
 
 from __future__ import annotations
@@ -189,27 +190,70 @@ class ConvNeXtEncoder(nn.Module):
         return self.forward_features(x)
 
 
+def _norm(kind: str, channels: int) -> nn.Module:
+    """Return the decoder norm: "group" (GroupNorm over the tile) or "layer" (per-pixel LayerNorm2d)."""
+    if kind == "group":
+        return group_norm(channels)
+    if kind == "layer":
+        return LayerNorm2d(channels)
+    raise ConfigError(f"decoder_norm={kind!r} is not valid; choose 'group' or 'layer'")
+
+
+class _UpFuse(nn.Module):
+    """x2 upsampling stage of a fine head: bilinear x2 of the decoder map, concatenated with a 3x3 conv
+    of the input at that stride, then conv3x3-norm-GELU: (B, d_in, h, w) -> (B, d_out, 2h, 2w).
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, in_chans: int, norm: str) -> None:
+        super().__init__()
+        self.skip = nn.Sequential(nn.Conv2d(in_chans, dim_out, 3, padding=1), _norm(norm, dim_out), nn.GELU())
+        self.fuse = nn.Sequential(
+            nn.Conv2d(dim_in + dim_out, dim_out, 3, padding=1, bias=False), _norm(norm, dim_out), nn.GELU()
+        )
+
+    def forward(self, h: Tensor, x_at: Tensor) -> Tensor:
+        """Upsample `h` to `x_at`'s size (the input pooled to the new stride) and fuse both."""
+        h = F.interpolate(h, size=x_at.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([h, self.skip(x_at)], dim=1))
+
+
 class FPNDecoder(nn.Module):
     """Light FPN head (Panoptic-FPN style): lateral 1x1 -> top-down nearest x2 sum -> 3x3 smooth ->
-    bilinear resize of every level to the finest one -> sum -> conv3x3-GN-GELU -> 1x1 classifier.
+    bilinear resize of every level to the finest one -> sum -> conv3x3-norm-GELU -> 1x1 classifier.
 
     Args:
         in_channels: channels of each feature map, finest first.
         decoder_dim: width of the pyramid.
         num_classes: output classes K.
+        norm: "group" (GroupNorm, default) or "layer" (per-pixel LayerNorm: no dependence on the tile).
+        up_levels: x2 upsampling stages after the fuse (0 = logits at the finest feature stride); each
+            fuses the input image / stack, so `forward` then needs ``image``.
+        in_chans: channels of that input (with ``up_levels > 0``).
     """
 
-    def __init__(self, in_channels: list[int] | tuple[int, ...], decoder_dim: int, num_classes: int) -> None:
+    def __init__(
+        self,
+        in_channels: list[int] | tuple[int, ...],
+        decoder_dim: int,
+        num_classes: int,
+        norm: str = "group",
+        up_levels: int = 0,
+        in_chans: int = 0,
+    ) -> None:
         super().__init__()
         self.lateral = nn.ModuleList(nn.Conv2d(c, decoder_dim, 1) for c in in_channels)
         self.smooth = nn.ModuleList(nn.Conv2d(decoder_dim, decoder_dim, 3, padding=1) for _ in in_channels)
         self.fuse = nn.Sequential(
-            nn.Conv2d(decoder_dim, decoder_dim, 3, padding=1, bias=False), group_norm(decoder_dim), nn.GELU()
+            nn.Conv2d(decoder_dim, decoder_dim, 3, padding=1, bias=False), _norm(norm, decoder_dim), nn.GELU()
         )
-        self.classifier = nn.Conv2d(decoder_dim, num_classes, 1)
+        dims = [decoder_dim] + [max(decoder_dim // 2 ** (i + 1), 8) for i in range(up_levels)]
+        self.up = nn.ModuleList(_UpFuse(dims[i], dims[i + 1], in_chans, norm) for i in range(up_levels))
+        self.classifier = nn.Conv2d(dims[-1], num_classes, 1)
 
-    def forward(self, feats: list[Tensor], size: tuple[int, int]) -> Tensor:
-        """Fuse ``feats`` (finest first) into logits (B, K, *size)."""
+    def forward(self, feats: list[Tensor], size: tuple[int, int], image: Tensor | None = None) -> Tensor:
+        """Fuse ``feats`` (finest first) into logits (B, K, *size); ``image`` (B, in_chans, H, W) feeds the
+        upsampling stages.
+        """
         lat = [conv(f) for conv, f in zip(self.lateral, feats, strict=True)]
         for i in range(len(lat) - 2, -1, -1):
             lat[i] = lat[i] + F.interpolate(lat[i + 1], size=lat[i].shape[-2:], mode="nearest")
@@ -218,7 +262,17 @@ class FPNDecoder(nn.Module):
             F.interpolate(conv(p), size=target, mode="bilinear", align_corners=False) if i else conv(p)
             for i, (conv, p) in enumerate(zip(self.smooth, lat, strict=True))
         )
-        logits = self.classifier(self.fuse(fused))
+        h = self.fuse(fused)
+        if len(self.up):
+            if image is None:
+                raise ConfigError("FPNDecoder: up_levels > 0 needs the input image")
+            stride = image.shape[-1] // h.shape[-1]
+            for up in self.up:
+                stride //= 2
+                h = up(h, F.avg_pool2d(image, stride) if stride > 1 else image)
+        logits = self.classifier(h)
+        if tuple(logits.shape[-2:]) == tuple(size):
+            return logits
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
@@ -230,6 +284,10 @@ class ConvNeXtSegmenter(nn.Module):
         num_classes: classes K (incl. background).
         dims, depths, stem_stride, drop_path_rate: see `ConvNeXtEncoder`.
         decoder_dim: FPN width.
+        head_stride: stride of the logits before the final bilinear resize: None = ``stem_stride`` (the
+            FPN's finest map), or a finer power-of-two divisor of it (1 = full resolution); each halving
+            adds an `FPNDecoder` upsampling stage fed by the input.
+        decoder_norm: "group" (GroupNorm) or "layer" (per-pixel LayerNorm2d) in the decoder.
 
     Example:
         >>> net = ConvNeXtSegmenter(3, 2, **convnext_preset("tiny"))
@@ -246,11 +304,28 @@ class ConvNeXtSegmenter(nn.Module):
         decoder_dim: int = 64,
         stem_stride: int = 4,
         drop_path_rate: float = 0.0,
+        head_stride: int | None = None,
+        decoder_norm: str = "group",
     ) -> None:
         super().__init__()
         self.in_chans, self.num_classes = in_chans, num_classes
         self.encoder = ConvNeXtEncoder(in_chans, dims, depths, stem_stride, drop_path_rate)
-        self.decoder = FPNDecoder([f["num_chs"] for f in self.encoder.feature_info], decoder_dim, num_classes)
+        head = stem_stride if head_stride is None else int(head_stride)
+        if head < 1 or stem_stride % head or (stem_stride // head) & (stem_stride // head - 1):
+            raise ConfigError(
+                f"seg_head_stride={head_stride} is not valid for a segmenter with stem stride {stem_stride}; "
+                f"use a power-of-two divisor of {stem_stride} (1 = full resolution) or None"
+            )
+        self.head_stride = head
+        up = (stem_stride // head).bit_length() - 1
+        self.decoder = FPNDecoder(
+            [f["num_chs"] for f in self.encoder.feature_info],
+            decoder_dim,
+            num_classes,
+            norm=decoder_norm,
+            up_levels=up,
+            in_chans=in_chans,
+        )
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:
@@ -259,7 +334,7 @@ class ConvNeXtSegmenter(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Segment x (B, in_chans, H, W), H, W divisible by ``encoder.divisor``; logits (B, K, H, W)."""
-        return self.decoder(self.encoder.forward_intermediates(x), tuple(x.shape[-2:]))
+        return self.decoder(self.encoder.forward_intermediates(x), tuple(x.shape[-2:]), x)
 
 
 class TimmSegmenter(nn.Module):

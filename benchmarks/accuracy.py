@@ -110,6 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tag", default="", help="suffix of the run folder names (e.g. an ablation: noise-gaussian)"
     )
+    p.add_argument("--tta", action="store_true",
+                   help="predict with test-time augmentation (8 flips/rotations): predictions in "
+                        "pred-test-tta, scores in metrics-<split>-tta.json; with --reuse-runs, trained runs "
+                        "are scored again")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP/torch threads of every command (default: torch's choice)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -329,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "tag": args.tag,
         "annotated_fraction": args.annotated_fraction,
         "threads": args.threads,
+        "tta": args.tta,
         "overrides": args.overrides,
         "budget": ", ".join(budget) or "the preset's step counts",
         "ldiffusion": ldiffusion.__version__,
@@ -388,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             if entry.get("train_s") is None and not args.dry_run:
                 entry["train_s"] = _train_seconds(out_run)
             entry["val_score"] = _best_val(out_run)
-            pred = out_run / "pred-test"
+            pred = out_run / ("pred-test-tta" if args.tta else "pred-test")
             if args.reuse_runs and _predicted(pred, data):
                 print(f"# reusing the predictions in {pred} (--reuse-runs)", flush=True)
             else:
@@ -396,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                        "--seed", str(args.seed), "--device", args.device, "--no-progress"]
                 if args.batch_size is not None:
                     cmd += ["--batch-size", str(args.batch_size)]
+                if args.tta:
+                    cmd.append("--tta")
                 rec = run(cmd)
                 entry["commands"].append(rec)
                 entry["predict_s"] = rec.get("wall_s")
@@ -410,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["scores"] = {}
             scorings = [(part, part, ()) for part in spec.parts] + list(spec.extra)
             for label, part, extra_flags in scorings:
-                metrics_path = out_run / f"metrics-{label}.json"
+                metrics_path = out_run / f"metrics-{label}{'-tta' if args.tta else ''}.json"
                 rec = run(["evaluate", "--pred", str(pred), "--data", str(data), "--split", part,
                            "--out", str(metrics_path), *spec.eval_flags, *extra_flags, "--no-progress"])
                 entry["commands"].append(rec)

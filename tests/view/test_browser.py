@@ -50,11 +50,15 @@ def classify(img: np.ndarray) -> np.ndarray:
 
 
 def image_rect(kind: np.ndarray) -> tuple[int, int, int, int]:
-    """Bounding box (x0, y0, x1, y1) of the pixels that show the slide or a class colour."""
+    """Bounding box (x0, y0, x1, y1) of the rows and columns mostly showing the slide or a class colour.
+
+    (Counting whole rows and columns ignores stray pixels such as the scale bar's anti-aliased text.)
+    """
     names = list(REFS)
     shown = np.isin(kind, [names.index(n) for n in ("tissue", "nucleus", "glass", "green", "yellow")])
-    ys, xs = np.nonzero(shown)
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    rows = np.nonzero(shown.sum(1) > shown.shape[1] // 3)[0]
+    cols = np.nonzero(shown.sum(0) > shown.shape[0] // 3)[0]
+    return int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1
 
 
 def expected(labels: np.ndarray, rect: tuple[int, int, int, int], overlay: bool) -> np.ndarray:

@@ -81,15 +81,17 @@ def test_slide_tile_equals_slide_pixels(server_url, demo_out):
 def test_class_map_tile_equals_labels_ome_tif(server_url, demo_out):
     lab = levels(demo_out / "labels.ome.tif")
     assert len(lab) == 2  # the label pyramid mirrors the slide's levels (1, 4)
-    for level, col, row, k in ((TOP, 2, 1, 0), (TOP, 6, 3, 0), (TOP - 2, 0, 0, 1)):
+    seen = set()
+    for level, col, row, k in ((TOP, 3, 1, 0), (TOP, 6, 3, 0), (TOP - 2, 0, 0, 1)):
         x0, y0, w, h, ds = GRID.tile_region(level, col, row)
         tile = png(f"{server_url}/tiles/slide/labels/{level}/{col}_{row}.png")
         truth = lab[k][y0 // ds : y0 // ds + h, x0 // ds : x0 // ds + w]
         assert tile.shape == (h, w, 4)
-        assert (truth > 0).any() and (truth == 0).any()  # the tile holds classes and background
         assert np.array_equal(tile[..., 3] > 0, truth > 0)  # background transparent
         fg = truth > 0
         assert np.array_equal(tile[..., :3][fg], PALETTE[truth[fg]])
+        seen |= set(np.unique(truth).tolist())
+    assert seen == {0, 1, 2}  # the tiles hold background, stroma and nuclei
 
 
 def test_uncertainty_tile_equals_uncertainty_ome_tif(server_url, demo_out):
@@ -221,7 +223,7 @@ def test_cli_serves_until_stopped(demo_out):
                 break
             except urllib.error.URLError:
                 assert proc.poll() is None, proc.stdout.read()
-                assert time.monotonic() - t0 < 120
+                assert time.monotonic() - t0 < 300
                 time.sleep(0.2)
         assert status == 200 and json.loads(data)["ok"]
         assert png(f"http://127.0.0.1:{port}/tiles/slide/slide/{TOP}/0_0.png").shape == (256, 256, 3)

@@ -155,3 +155,14 @@ def test_feature_cache_refuses_traversal_id(tmp_path):
         with pytest.raises(LDiffusionError, match="not valid"):
             m._train_features(x, [bad])
     assert [p.name for p in tmp_path.rglob("*.pt")] == []
+
+
+@pytest.mark.parametrize("target", ["dataset.json", "labels/x.png", "images"])
+def test_evaluate_out_cannot_overwrite_the_data_set(data, tmp_path, capsys, target):
+    before = tree_hashes(data)
+    out = data / target
+    if target == "labels/x.png":
+        out = next((data / "labels").iterdir())
+    assert main(["evaluate", "--pred", str(tmp_path), "--data", str(data), "--out", str(out)]) == 2
+    assert str(out) in one_line_error(capsys)
+    assert tree_hashes(data) == before

@@ -20,7 +20,8 @@ def register(app: typer.Typer) -> None:
         pred: Path = typer.Option(..., "--pred",
                                   help="Folder of <id>.png class maps (optional <id>_inst.png)."),
         data: Path = typer.Option(..., "--data", help="Prepared data set folder (holding dataset.json)."),
-        out: Path = typer.Option(..., "--out", help="JSON file to write the metrics to."),
+        out: Path = typer.Option(..., "--out", help="JSON file to write the metrics to (not inside --data; "
+                                 "an existing file must be .json)."),
         split: str = typer.Option("test", "--split", help="Split or part to score (test, val, testA, ...)."),
         foreground_only: bool = typer.Option(False, "--foreground-only",
                                              help="Score foreground classes only (class 0 excluded)."),
@@ -41,9 +42,16 @@ def register(app: typer.Typer) -> None:
         Writes the metrics as JSON to --out (fractions in [0, 1]) and prints a table. Exits 2 when a
         prediction is missing or has the wrong size.
         """
+        from ldiffusion.core.errors import InputError
         from ldiffusion.core.io import write_json
         from ldiffusion.eval.report import evaluate_folder, format_table
 
+        if out.is_dir():
+            raise InputError(f"--out {out}: is a folder; give a JSON file, e.g. {out}/metrics.json")
+        if out.resolve().is_relative_to(data.resolve()):
+            raise InputError(f"--out {out}: is inside the data set {data}; write the metrics elsewhere")
+        if out.exists() and out.suffix.lower() != ".json":
+            raise InputError(f"--out {out}: exists and is not a .json file; refusing to overwrite it")
         result = evaluate_folder(pred, data, split=split, foreground_only=foreground_only,
                                  instances=instances, watershed=watershed, min_size=min_size,
                                  min_distance=min_distance, progress=progress)

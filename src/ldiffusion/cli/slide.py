@@ -23,7 +23,12 @@ def predict(
     run: Path = typer.Argument(..., help="Run folder (config.json + model.safetensors)."),
     slides: list[Path] = typer.Argument(None, help="Slide files (SVS, TIFF, or any OpenSlide format)."),
     out: Path = typer.Option(..., "--out", help="Output root; each slide goes to OUT/<slide id>/."),
-    mpp: float = typer.Option(None, "--mpp", help="Microns per level-0 pixel (overrides/supplies metadata)."),
+    mpp: float = typer.Option(
+        None,
+        "--mpp",
+        help="Microns per level-0 pixel (overrides/supplies metadata). A slide without resolution "
+        "metadata and no --mpp is predicted at level 0 with a warning naming the file (areas in px).",
+    ),
     target_mpp: float = typer.Option(
         None, "--target-mpp", help="Predict at this resolution (default: level 0)."
     ),
@@ -36,9 +41,23 @@ def predict(
         help="Comma-separated outputs: ome-tiff, geojson, png (stats.json always).",
     ),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue interrupted slides from their finished tiles."
+        False,
+        "--resume",
+        help="Continue interrupted slides from their finished tiles (refused when RUN's weights or "
+        "config differ from the run that started the slide).",
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Predict slides again even when finished."),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Predict slides again even when finished, and replace files in OUT/<id>/ that "
+        "`slide predict` did not write.",
+    ),
+    max_memory: float = typer.Option(
+        8.0,
+        "--max-memory",
+        help="GiB one allocation may take (a tile read, a decoded TIFF strip, ...); a slide or "
+        "--target-mpp needing more is refused before anything is allocated (0 = no limit).",
+    ),
     tissue: bool = typer.Option(
         True, "--tissue/--no-tissue", help="Skip background tiles (tissue detection)."
     ),
@@ -55,6 +74,7 @@ def predict(
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bars."),
 ) -> None:
     """Predict whole slides into OUT/<id>/ (labels.ome.tif, annotations.geojson, overlay.png, stats.json)."""
+    from ldiffusion.infer.outputs import run_fingerprint
     from ldiffusion.infer.slide_predict import (
         RunLoader,
         SlideJob,
@@ -66,6 +86,10 @@ def predict(
         shard_jobs,
     )
 
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder; give a folder (slides go to OUT/<id>/)")
+    if max_memory < 0:
+        raise InputError(f"--max-memory {max_memory} should be >= 0 (GiB; 0 = no limit)")
     jobs = [SlideJob(str(p), mpp) for p in slides or []]
     if manifest is not None:
         jobs += [SlideJob(j.path, j.mpp if j.mpp is not None else mpp) for j in read_manifest(manifest)]
@@ -83,6 +107,8 @@ def predict(
         coords=coords,
         seed=seed,
         target_mpp=target_mpp,
+        model_fingerprint=run_fingerprint(run),
+        max_bytes=max_memory * 1024**3 if max_memory > 0 else None,
     )
     if scheduler:
         results = predict_slides_dask(scheduler, RunLoader(str(run), device), jobs, out, **kwargs)

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from ldiffusion.core.errors import InputError
+from ldiffusion.infer.outputs import DEFAULT_MAX_BYTES, check_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -260,9 +261,17 @@ def he_pattern(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
 
 
 class TiffSlideReader(SlideReader):
-    """SVS / generic pyramidal TIFF through `tiffslide` (extra `slides`)."""
+    """SVS / generic pyramidal TIFF through `tiffslide` (extra `slides`).
 
-    def __init__(self, path: str | Path, mpp: float | None = None) -> None:
+    Grey (1 sample) and grey + alpha slides are read as RGB (the grey value in every channel).
+    Refused at opening (InputError naming the file): pixels other than 8-bit, and a level-0 layout
+    whose smallest decodable unit (a strip or tile) needs more than `max_bytes`, since every read
+    would decode it whole. A region that cannot be decoded (truncated or corrupt file) raises an
+    InputError naming the file and the region.
+    """
+
+    def __init__(self, path: str | Path, mpp: float | None = None,
+                 max_bytes: float | None = DEFAULT_MAX_BYTES) -> None:
         try:
             import tiffslide
         except ImportError as e:
@@ -276,6 +285,7 @@ class TiffSlideReader(SlideReader):
             raise InputError(f"{path}: cannot open slide with tiffslide ({e})") from e
         self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        self._check_layout(max_bytes)
         props = self._slide.properties
         self.mpp = mpp if mpp is not None else _mpp_from_props(props, "tiffslide")
         self.bounds_offset = (
@@ -283,9 +293,44 @@ class TiffSlideReader(SlideReader):
             int(props.get("tiffslide.bounds-y") or 0),
         )
 
+    def _check_layout(self, max_bytes: float | None) -> None:
+        """Refuse non-8-bit pixels and level-0 strips/tiles too large to decode (see the class)."""
+        tif = getattr(self._slide, "ts_tifffile", None)
+        if tif is None or not tif.series:
+            return
+        series = tif.series[0]
+        if np.dtype(series.dtype) != np.uint8:
+            self.close()
+            raise InputError(
+                f"{self.path}: pixels are {np.dtype(series.dtype).name}; expected 8-bit RGB (or grey) "
+                "slides, convert the slide to 8 bits first"
+            )
+        page = series.levels[0].keyframe if series.levels else series.keyframe
+        chunks = getattr(page, "chunks", None)
+        if chunks:
+            unit = "tile" if getattr(page, "is_tiled", False) else "strip"
+            try:
+                check_bytes(math.prod(int(c) for c in chunks), f"{self.path}: decoding one level-0 {unit} "
+                            f"({' x '.join(str(int(c)) for c in chunks)})", max_bytes,
+                            "the file is not tiled (or declares a size its data does not have); "
+                            "convert it to a tiled pyramidal TIFF")
+            except InputError:
+                self.close()
+                raise
+
     def _read(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
-        arr = self._slide.read_region((x, y), level, (w, h), as_array=True)
-        arr = np.asarray(arr)
+        try:
+            arr = np.asarray(self._slide.read_region((x, y), level, (w, h), as_array=True))
+        except MemoryError:
+            raise
+        except Exception as e:  # tifffile/imagecodecs raise many types for truncated or corrupt data
+            raise InputError(
+                f"{self.path}: cannot read the region x={x}, y={y}, {w} x {h} px of level {level} "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "the file is truncated or corrupt"
+            ) from e
+        if arr.ndim == 3 and arr.shape[-1] in (1, 2):  # grey or grey + alpha -> RGB
+            arr = arr[..., 0]
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=-1)
         return np.ascontiguousarray(arr[..., :3], dtype=np.uint8)
@@ -346,7 +391,8 @@ def _mpp_from_props(props: object, prefix: str) -> float | None:
 TIFF_SUFFIXES = (".svs", ".tif", ".tiff", ".btf", ".ndpi", ".qptiff")
 
 
-def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
+def open_slide(path: str | Path, mpp: float | None = None,
+               max_bytes: float | None = DEFAULT_MAX_BYTES) -> SlideReader:
     """Open a slide with the right back end.
 
     SVS/TIFF files go through tiffslide (falling back to OpenSlide when tiffslide cannot read
@@ -355,6 +401,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
     Args:
         path: slide file.
         mpp: microns per level-0 pixel; overrides the metadata (use it when the metadata lacks it).
+        max_bytes: memory limit of one decoded strip/tile of a TIFF (None = no limit).
 
     Raises:
         InputError: the file is missing, unreadable, or the needed extra is not installed.
@@ -366,8 +413,10 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
         raise InputError(f"mpp={mpp} should be > 0 (microns per level-0 pixel)")
     if path.suffix.lower() in TIFF_SUFFIXES:
         try:
-            return TiffSlideReader(path, mpp=mpp)
+            return TiffSlideReader(path, mpp=mpp, max_bytes=max_bytes)
         except InputError as tiff_error:
+            if "cannot open slide" not in str(tiff_error):  # tiffslide opened it and refused it
+                raise
             try:
                 return OpenSlideReader(path, mpp=mpp)
             except InputError:

@@ -36,11 +36,12 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from ldiffusion.core.errors import InputError, LDiffusionError
+from ldiffusion.core.errors import CheckpointError, InputError, LDiffusionError
 from ldiffusion.core.io import read_json, write_json
 from ldiffusion.core.registry import suggest
 from ldiffusion.core.rng import derive_seed, make_generator
 from ldiffusion.infer.merge import TileMerger, build_pyramid, pyramid_ratios
+from ldiffusion.infer.outputs import DEFAULT_MAX_BYTES, check_bytes, module_fingerprint, output_path
 from ldiffusion.infer.slide import SlideReader, open_slide
 from ldiffusion.infer.tiling import tile_grid
 from ldiffusion.infer.tissue import detect_tissue, select_tiles
@@ -62,6 +63,8 @@ logger = logging.getLogger(__name__)
 FORMATS = ("ome-tiff", "geojson", "png")
 OUTPUT_NAMES = {"ome-tiff": "labels.ome.tif", "geojson": "annotations.geojson", "png": "overlay.png"}
 DONE_NAME = "done.json"
+#: memory per tile of the tile list (Tile objects, resume state, tissue selection), an upper estimate
+TILE_BOOKKEEPING_BYTES = 1024
 STATS_NAME = "stats.json"
 
 
@@ -163,6 +166,8 @@ def predict_slide(
     chunk_px: int = 512,
     overlay_px: int = 2048,
     name: str | None = None,
+    model_fingerprint: str | None = None,
+    max_bytes: float | None = DEFAULT_MAX_BYTES,
 ) -> SlideResult:
     """Predict one slide into `out_dir/<slide id>/`.
 
@@ -185,6 +190,16 @@ def predict_slide(
         chunk_px: label-map chunk (finalisation block) side.
         overlay_px: longer side of the PNG overlay.
         name: slide id (default: from the file name).
+        model_fingerprint: identity of the weights and config (e.g. `outputs.run_fingerprint(run)`),
+            stored in the resume state and `done.json`; default: a hash of the segmenter's state
+            dict (class name only for objects without one). A resume with another model is refused.
+        max_bytes: memory limit of one allocation (a tile read, a decoded TIFF strip, a thumbnail
+            strip, the tile list); a slide or `target_mpp` that would need more is refused with the
+            figure before anything is allocated (None = no limit).
+
+    A slide without resolution metadata (and no `mpp`) is predicted with a warning naming the
+    file (areas in pixels, no `target_mpp`). Existing files in `out_dir/<id>/` that this command
+    did not write (no `done.json` nor resume state there) are refused unless `overwrite`.
 
     Returns:
         A `SlideResult`; `skipped=True` when the slide was already finished.
@@ -198,15 +213,22 @@ def predict_slide(
         raise InputError(f"batch_size={batch_size} should be >= 1")
     if coords not in ("qupath", "level0"):
         raise InputError(f"coords={coords!r} is not valid; choose 'qupath' or 'level0'")
+    if target_mpp is not None and not target_mpp > 0:
+        raise InputError(f"target_mpp={target_mpp} should be > 0 (microns per working pixel)")
+    out_root = Path(out_dir)
+    if out_root.exists() and not out_root.is_dir():
+        raise InputError(
+            f"--out {out_root}: exists and is not a folder; give a folder (each slide goes to OUT/<id>/)"
+        )
     own_reader = not isinstance(slide, SlideReader)
-    reader = open_slide(slide, mpp=mpp) if own_reader else slide  # type: ignore[arg-type]
+    reader = open_slide(slide, mpp=mpp, max_bytes=max_bytes) if own_reader else slide  # type: ignore[arg-type]
     try:
         if not own_reader and mpp is not None:
             reader.mpp = mpp
         return _predict_slide(
             segmenter,
             reader,
-            Path(out_dir),
+            out_root,
             fmts=fmts,
             tile_px=tile_px,
             overlap_px=overlap_px,
@@ -221,6 +243,8 @@ def predict_slide(
             chunk_px=chunk_px,
             overlay_px=overlay_px,
             name=name or slide_id(reader.path),
+            model_fingerprint=model_fingerprint,
+            max_bytes=max_bytes,
         )
     finally:
         if own_reader:
@@ -246,6 +270,8 @@ def _predict_slide(
     chunk_px: int,
     overlay_px: int,
     name: str,
+    model_fingerprint: str | None,
+    max_bytes: float | None,
 ) -> SlideResult:
     k = int(segmenter.num_classes)
     names, palette, ident = _segmenter_info(segmenter)
@@ -253,6 +279,12 @@ def _predict_slide(
     tile = -(-int(tile_px) // div) * div
     if not 0 <= overlap_px < tile:
         raise InputError(f"overlap_px={overlap_px} is out of range; expected [0, tile_px={tile})")
+    if reader.mpp is None and target_mpp is None:
+        logger.warning(
+            "%s: no resolution metadata (mpp unknown): predicting at level 0, areas in stats.json in "
+            "pixels; pass --mpp to set it",
+            reader.path,
+        )
     if reader.mpp is None and target_mpp is not None:
         raise InputError(
             f"{reader.path}: target_mpp={target_mpp} needs the slide's mpp, which its metadata "
@@ -272,7 +304,9 @@ def _predict_slide(
     else:
         ox, oy, bw, bh = 0, 0, W0, H0
     width, height = max(1, math.ceil(bw / scale)), max(1, math.ceil(bh / scale))
+    _check_memory(reader, tile, overlap_px, scale, width, height, overlay_px, target_mpp, max_bytes)
     label_mpp = reader.mpp * scale if reader.mpp else None
+    fingerprint = model_fingerprint or module_fingerprint(segmenter)
     params = {
         "slide": name,
         "model": ident,
@@ -288,8 +322,15 @@ def _predict_slide(
         "formats": list(fmts),
         "coords": coords,
     }
-    out = out_root / name
+    if fingerprint is not None:
+        params["model_fingerprint"] = fingerprint
+    out = output_path(out_root, name)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder; slide {name!r} writes its outputs there")
     done_path = out / DONE_NAME
+    _check_ownership(out, overwrite)
+    if resume:
+        _check_resume_model(out / ".work" / "state.json", name, fingerprint)
     if done_path.is_file() and not overwrite:
         done = read_json(done_path)
         if done.get("params") == params:
@@ -369,7 +410,12 @@ def _predict_slide(
         p = out / OUTPUT_NAMES["geojson"]
         bx, by = reader.bounds_offset
         offset = (float(ox - bx), float(oy - by)) if coords == "qupath" else (float(ox), float(oy))
-        write_geojson(p, levels[0], names, palette, scale=scale, offset=offset)
+        cfg = getattr(segmenter, "cfg", None)
+        if getattr(cfg, "target", "semantic") == "contour":  # one polygon per object: interiors, grown
+            write_geojson(p, levels[0], names, palette, scale=scale, offset=offset,
+                          skip=(0, len(names) - 1), grow_px=int(cfg.boundary_px))
+        else:
+            write_geojson(p, levels[0], names, palette, scale=scale, offset=offset)
         outputs["geojson"] = p.name
     if "png" in fmts:
         p = out / OUTPUT_NAMES["png"]
@@ -397,6 +443,76 @@ def _predict_slide(
     shutil.rmtree(work, ignore_errors=True)
     logger.info("%s: wrote %s", name, ", ".join(sorted(outputs.values())))
     return SlideResult(str(reader.path), name, str(out), outputs, False, len(tiles), stats)
+
+
+def _check_memory(
+    reader: SlideReader,
+    tile: int,
+    overlap_px: int,
+    scale: float,
+    width: int,
+    height: int,
+    overlay_px: int,
+    target_mpp: float | None,
+    max_bytes: float | None,
+) -> None:
+    """Refuse (InputError with the figure) a run whose reads or tile list would exceed `max_bytes`."""
+    if max_bytes is None:
+        return
+    at = f" at target_mpp={target_mpp}" if target_mpp is not None else ""
+    level = reader.best_level_for_downsample(scale)
+    side = math.ceil(tile * scale / reader.level_downsamples[level])
+    check_bytes(
+        side * side * 3,
+        f"{reader.path}: reading one {tile}-px tile{at} ({side} x {side} px of level {level})",
+        max_bytes,
+        "choose a finer --target-mpp, a smaller --tile, or a slide with a pyramid",
+    )
+    stride = tile - overlap_px
+    n_tiles = math.ceil(max(width - overlap_px, 1) / stride) * math.ceil(max(height - overlap_px, 1) / stride)
+    check_bytes(
+        n_tiles * TILE_BOOKKEEPING_BYTES,
+        f"{reader.path}: the list of {n_tiles} tiles ({width} x {height} px, {tile}-px tiles)",
+        max_bytes,
+        "choose a larger --tile or a coarser --target-mpp",
+    )
+    s = max(width / overlay_px, height / overlay_px, 1.0) * scale  # overlay strips (256 rows)
+    lv = reader.best_level_for_downsample(s)
+    lw, lh = reader.level_dimensions[lv]
+    rows = min(math.ceil(256 * s / reader.level_downsamples[lv]), lh)
+    check_bytes(lw * rows * 3, f"{reader.path}: reading one overlay strip ({lw} x {rows} px of level {lv})",
+                max_bytes, "the slide has no coarse pyramid level; use --formats ome-tiff,geojson")
+
+
+def _check_ownership(out: Path, overwrite: bool) -> None:
+    """Refuse to replace files in `out` that no earlier `slide predict` wrote (unless `overwrite`)."""
+    if overwrite or not out.is_dir():
+        return
+    if (out / DONE_NAME).is_file() or (out / ".work" / "state.json").is_file():
+        return  # a slide folder this command wrote (finished or interrupted)
+    ours = [*OUTPUT_NAMES.values(), STATS_NAME, ".work"]
+    foreign = [out / n for n in ours if (out / n).exists() or (out / n).is_symlink()]
+    if foreign:
+        raise InputError(
+            f"{foreign[0]}: exists and was not written by `ldiffusion slide predict` (no {DONE_NAME} nor "
+            "resume state beside it); pass --overwrite to replace it, or choose another --out"
+        )
+
+
+def _check_resume_model(state_path: Path, name: str, fingerprint: str | None) -> None:
+    """Refuse to resume a slide started with other weights/config than `fingerprint`."""
+    if not state_path.is_file():
+        return
+    try:
+        old = (read_json(state_path).get("params") or {}).get("model_fingerprint")
+    except (ValueError, AttributeError):
+        return  # unreadable state: the merger starts again
+    if old != fingerprint:
+        raise CheckpointError(
+            f"{state_path}: slide {name!r} was started with another model (fingerprint "
+            f"{str(old)[:12]}, this run {str(fingerprint)[:12]}); resume with the run that started it, "
+            "or rerun without --resume to start again"
+        )
 
 
 def _progress(total: int, initial: int, name: str, enabled: bool) -> Any:
@@ -487,6 +603,8 @@ def run_slides(
                 predict_slide(segmenter, job.path, out_dir, mpp=job.mpp if job.mpp else mpp, **kwargs)
             )
         except LDiffusionError as e:
+            if len(jobs) == 1:
+                raise  # one slide: its own one-line error
             logger.error("%s: %s", job.path, e)
             failed.append(f"{job.path} ({e})")
     if failed:

@@ -525,7 +525,8 @@ class CDALMethod(Segmenter):
         if weights is not None and label is not None:
             safe = torch.where(label == IGNORE, torch.zeros_like(label), label).long()
             pixel_w = weights.to(valid.dtype)[safe].unsqueeze(1) * valid
-            out["log/w_max"] = weights.max()
+            seen = self.class_counts is not None and bool((self.class_counts > 0).any())
+            out["log/w_max"] = weights[self.class_counts > 0].max() if seen else weights.max()  # type: ignore[operator]
         mse = ((x0_hat.float() - x0) ** 2 * pixel_w).sum() / n_valid.clamp_min(1.0)
         loss_g = mse
         if label is not None and (cfg.aux_ce > 0 or cfg.aux_dice > 0):

@@ -2,7 +2,8 @@
 
 Every file is first written to a temporary name in the destination directory and then moved
 into place with `os.replace`, so an interrupted write never leaves a half-written file and the
-previous version stays intact.
+previous version stays intact. The file gets the permissions a plain `open()` would give it
+(0o666 minus the process umask), not `mkstemp`'s private 0o600.
 """
 
 from __future__ import annotations
@@ -11,11 +12,29 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from ldiffusion.core.errors import CheckpointError
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """Return the process umask (read from /proc where possible, else set and restore it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -37,6 +56,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[Bin
             yield f  # type: ignore[misc]
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0o600; honour the umask like open()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -73,13 +93,27 @@ def save_weights(path: str | os.PathLike[str], state_dict: dict[str, Any]) -> No
 
 
 def load_weights(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, Any]:
-    """Load a safetensors file into a dict of tensors on `device`."""
+    """Load a safetensors file into a dict of tensors on `device`.
+
+    Every model file of the package (`model.safetensors`, pretrained U-Nets, autoencoders) is read
+    here, so a missing, empty, truncated or garbage file is one `CheckpointError` naming it.
+
+    Raises:
+        CheckpointError: the file is missing or not a readable safetensors file.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file not found")
-    return load_file(str(path), device=device)
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as e:
+        size = path.stat().st_size
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable safetensors weights file ({size} bytes: {why}); "
+                              "it may be truncated or corrupt: train again or restore it") from e
 
 
 def save_torch(path: str | os.PathLike[str], obj: Any) -> None:

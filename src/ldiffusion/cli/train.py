@@ -19,7 +19,7 @@ from typing import Any
 
 import typer
 
-from ldiffusion.cli._common import DEVICE, METHOD, SEED
+from ldiffusion.cli._common import DEVICE, SEED
 from ldiffusion.core.config import load_mapping
 from ldiffusion.core.errors import CheckpointError, ConfigError
 
@@ -30,8 +30,14 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
                  config_file: Path | None = None, overrides: list[str] | None = None, resume: bool = False,
                  device: str = "auto", seed: int = 0, max_minutes: float | None = None,
                  annotated_fraction: float = 1.0, autoencoder: Path | None = None,
-                 progress: bool = True) -> Any:
-    """Build the data sets and the method, then run `train.loop.fit`; return its `FitResult`."""
+                 progress: bool = True, overwrite: bool = False) -> Any:
+    """Build the data sets and the method, then run `train.loop.fit`; return its `FitResult`.
+
+    Everything is checked before the run folder is touched: the folder (`overwrite` starts over in
+    one that holds a run), `annotated_fraction` in (0, 1], the config, every label value of the
+    train and validation splits, and, with `resume`, the class count, config and data set
+    fingerprint stored in `train_state.pt`. A missing or empty validation split is a warning.
+    """
     from ldiffusion.core.device import resolve_device
     from ldiffusion.core.rng import seed_everything
     from ldiffusion.data.dataset import SegmentationDataset, annotated_subset
@@ -39,14 +45,13 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
     from ldiffusion.data.transforms import TrainTransform
     from ldiffusion.methods import METHODS, create_method, resolve_config
     from ldiffusion.train.loop import fit
+    from ldiffusion.train.preflight import check_run_folder, scan_training_data
 
     cls = METHODS.get(method_name)  # unknown method -> ConfigError with the list and a suggestion
-    state = out / "train_state.pt"
-    if state.exists() and not resume:
-        raise CheckpointError(f"{out} already holds a training state ({state}); pass --resume to continue it "
-                              "or choose a new --out folder")
-    if resume and not state.exists():
-        raise CheckpointError(f"{state}: not found; nothing to resume (drop --resume to start a new run)")
+    check_run_folder(out, resume=resume, overwrite=overwrite)
+    if not 0.0 < annotated_fraction <= 1.0:  # also rejects nan
+        raise ConfigError(f"--annotated-fraction {annotated_fraction!r} is out of range; expected a share "
+                          "in (0, 1], e.g. 0.25 keeps the labels of a quarter of the training images")
     info = read_dataset_info(data)
     file_cfg = load_mapping(config_file) if config_file is not None else None
     sets = [f"seed={seed}"]
@@ -66,13 +71,24 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
     dev = resolve_device(device)
     seed_everything(cfg.seed)
     method = create_method(method_name, cfg, num_classes=info.num_classes, class_names=info.class_names)
+    divisor = int(getattr(method, "size_divisor", 1))
+    if cfg.crop_px % divisor:
+        up = -(-cfg.crop_px // divisor) * divisor
+        raise ConfigError(f"crop_px={cfg.crop_px} is not a multiple of {divisor}, which method "
+                          f"{method_name!r} needs for this config; use e.g. --set crop_px={up}")
+    has_val = bool(info.splits.get("val"))
+    fingerprint = scan_training_data(data, info, ["train", "val"] if has_val else ["train"])
+    if not has_val:
+        logger.warning("%s: split 'val' is %s: training without validation, so model.safetensors keeps the "
+                       "weights of the last step of each stage (no best-on-validation selection)",
+                       data / "dataset.json", "empty" if "val" in info.splits else "missing")
     annotated = None
     if annotated_fraction < 1.0:
         annotated = annotated_subset(info.ids("train"), annotated_fraction, cfg.seed)
     transform = TrainTransform(crop_px=cfg.crop_px, flips=cfg.flips, rot90=cfg.rot90,
                                color_jitter=cfg.color_jitter)
     train_ds = SegmentationDataset(data, "train", transform=transform, seed=cfg.seed, annotated_ids=annotated)
-    val_ds = SegmentationDataset(data, "val") if info.splits.get("val") else None
+    val_ds = SegmentationDataset(data, "val") if has_val else None
     data_info = {
         "name": info.name,
         "root": str(data),
@@ -82,7 +98,8 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
     }
     method.extra_info = {"data": data_info, "palette": info.palette.tolist()}
     return fit(method, train_ds, val_ds, out, device=dev, generator_seed=cfg.seed, resume=resume,
-               progress=progress, run_info={"data": data_info})
+               progress=progress, run_info={"data": data_info}, overwrite=overwrite,
+               data_fingerprint=fingerprint)
 
 
 def distributed_device(device: str, environ: Mapping[str, str]) -> tuple[str, int, int]:
@@ -109,7 +126,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("train")
     def train(
-        method: str = METHOD,
+        method: str = typer.Option(..., "--method", help="Method name (unet, autoencoder, ...)."),
         data: Path = typer.Option(..., "--data", help="Prepared data set folder (with dataset.json)."),
         out: Path = typer.Option(
             ..., "--out", help="Run folder to write (config.json, model.safetensors, ...)."
@@ -122,6 +139,10 @@ def register(app: typer.Typer) -> None:
             None, "--set", help="Override a config value: key=value (repeatable)."
         ),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from train_state.pt."),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Start a new run in an --out folder that already holds one (its "
+            "weights, state and log are replaced)."
+        ),
         device: str = DEVICE,
         seed: int = SEED,
         max_minutes: float = typer.Option(
@@ -136,8 +157,6 @@ def register(app: typer.Typer) -> None:
         """Train METHOD on DATA; the weights chosen on the validation split go to OUT/model.safetensors.
 
         Under `torchrun` (WORLD_SIZE > 1) the processes train together (data parallel).
-
-        Example: ldiffusion train --method unet --data data/monuseg --out runs/unet-monuseg --preset small
         """
         device, world_size, local_rank = distributed_device(device, os.environ)
         is_main = True
@@ -150,7 +169,8 @@ def register(app: typer.Typer) -> None:
             result = run_training(method, data, out, preset=preset, config_file=config,
                                   overrides=list(set_ or []), resume=resume, device=device, seed=seed,
                                   max_minutes=max_minutes, annotated_fraction=annotated_fraction,
-                                  autoencoder=autoencoder, progress=not no_progress and is_main)
+                                  autoencoder=autoencoder, progress=not no_progress and is_main,
+                                  overwrite=overwrite)
         finally:
             if world_size > 1:
                 from ldiffusion.train.distributed import destroy_distributed

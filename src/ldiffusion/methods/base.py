@@ -112,6 +112,7 @@ class MethodConfig(Config):
         check_range("val_every", self.val_every, 0)
         check_range("ckpt_every", self.ckpt_every, 1)
         check_range("n_samples", self.n_samples, 1)
+        check_range("seed", self.seed, -(2**63), 2**63 - 1)  # torch/NumPy seeds are 64-bit
         check_range("num_workers", self.num_workers, 0)
         check_range("color_jitter", self.color_jitter, 0.0, 1.0)
         check_range("stain_jitter", self.stain_jitter, 0.0, 0.99)

@@ -10,7 +10,14 @@ Determinism and resume. Nothing in the loop depends on hidden state:
   `derive_seed(seed, stage, "step", k)`; validation gets `derive_seed(seed, stage, "val")`;
 * `train_state.pt` stores the full state dict, optimiser states, counters, the best score and the
   global RNG states (for dropout-like global draws), so a resumed run continues at step `k + 1` with
-  exactly the state an uninterrupted run has there and ends with identical weights.
+  exactly the state an uninterrupted run has there and ends with identical weights. It also stores
+  the class count, the resolved config and the data set fingerprint; a resume that differs in any
+  of them is refused before anything is written.
+* SIGINT (Ctrl-C) or SIGTERM during `fit` lets the running step finish, saves it and then raises
+  `KeyboardInterrupt` (see `train.signals`); a second signal stops at once.
+
+Run folder safety: a folder that already holds a run is written only with `resume=True` (continue)
+or `overwrite=True` (start over); see `train.preflight.check_run_folder`.
 
 Validation (every `Stage.val_every` steps and at the end of a stage) scores the current weights
 with `method.validation_score` on the validation set only; when a stage `selects_on_val`, the best
@@ -44,6 +51,8 @@ from ldiffusion.core.errors import CheckpointError, ConfigError
 from ldiffusion.core.io import load_weights, read_json, write_json
 from ldiffusion.core.rng import derive_seed, make_generator, rng_state, set_rng_state, worker_init_fn
 from ldiffusion.train import distributed as ddp
+from ldiffusion.train.preflight import check_run_folder, fingerprint_mismatch
+from ldiffusion.train.signals import StopRequest
 from ldiffusion.train.state import STATE_FILE, TrainState, counters, load_state, save_state
 
 logger = logging.getLogger(__name__)
@@ -122,7 +131,8 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
         device: str | torch.device = "cpu", generator_seed: int = 0, resume: bool = False,
         progress: bool = True, max_minutes: float | None = None, max_steps: int | None = None,
         callback: Callable[[dict[str, Any]], None] | None = None,
-        run_info: dict[str, Any] | None = None) -> FitResult:
+        run_info: dict[str, Any] | None = None, overwrite: bool = False,
+        data_fingerprint: str | None = None) -> FitResult:
     """Train `method` through all its stages and write the run folder `out_dir`.
 
     Args:
@@ -143,13 +153,17 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
         callback: called with every step record; a `KeyboardInterrupt` raised from it (or from
             Ctrl-C between steps) checkpoints the last completed step and re-raises.
         run_info: extra entries for `config.resolved.json` (data set, annotated fraction, ...).
+        overwrite: start a new run in a folder that already holds one (its state is deleted first);
+            without it such a folder is refused unless `resume`.
+        data_fingerprint: identity of the training data (`train.preflight.scan_training_data`),
+            stored in the state; a resume with another one is refused.
 
     Returns:
         A `FitResult` (under torch.distributed: the same on every rank; only rank 0 writes files).
 
     Raises:
-        CheckpointError: `out_dir` holds a training state and `resume` is False, or the stored state
-            does not match the method/seed.
+        CheckpointError: `out_dir` holds a run and neither `resume` nor `overwrite` is set, or the
+            stored state does not match the method, seed, class count, config or data set.
         ConfigError: a stage's batch is smaller than the number of processes.
     """
     from tqdm.auto import tqdm
@@ -158,13 +172,11 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
     device = torch.device(device)
     w = ddp.world()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    replaced = check_run_folder(out, resume=resume, overwrite=overwrite)
+    ddp.barrier()  # every rank has looked at the folder before rank 0 writes into it
     state_path = out / STATE_FILE
     cfg = method.cfg
     budget_min = max_minutes if max_minutes is not None else cfg.max_minutes
-    if state_path.exists() and not resume:
-        raise CheckpointError(f"{state_path} exists: pass --resume (resume=True) to continue that run, "
-                              "or choose a new output folder")
     method.to(device)
     if cfg.channels_last:
         method.to(memory_format=torch.channels_last)
@@ -179,6 +191,9 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                 **(run_info or {})}
     if w.distributed:
         resolved["world_size"] = w.size
+    identity = {"num_classes": int(method.num_classes),
+                "config": json.dumps(resolved["config"], sort_keys=True, default=str),
+                "data_fingerprint": data_fingerprint}
     log = _MetricsLog(out / METRICS_FILE)
     st = TrainState()
     saved: dict[str, Any] | None = None
@@ -189,17 +204,29 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
         if saved["seed"] != generator_seed:
             raise CheckpointError(f"{state_path}: saved with seed {saved['seed']}, resumed with "
                                   f"{generator_seed}; resume with --seed {saved['seed']}")
+        why = fingerprint_mismatch(saved.get("run") or {}, identity)
+        if why is not None:
+            raise CheckpointError(f"{state_path}: cannot resume: {why} (or choose a new --out folder)")
         old = out / RESOLVED_FILE
         if old.is_file() and read_json(old).get("config") != resolved["config"]:
             raise CheckpointError(f"{old}: the stored config differs from the resumed one; resume with "
                                   "the same method, preset and --set values, or choose a new folder")
-        method.load_state_dict(saved["model"])
+        try:
+            method.load_state_dict(saved["model"])
+        except RuntimeError as e:  # shapes of another config or class count
+            raise CheckpointError(f"{state_path}: the stored weights do not fit this method and data set "
+                                  f"({str(e).splitlines()[-1].strip()[:200]})") from e
         st = counters(saved)
         set_rng_state(saved["rng"])
         if w.is_main:
             log.truncate_after(st.stage_index, st.step)
         logger.info("resuming %s at stage %d (%s), step %d", out, st.stage_index, st.stage_name, st.step)
     elif w.is_main:
+        for p in replaced:  # --overwrite: nothing of the replaced run (its state above all) survives
+            p.unlink()
+        if replaced:
+            logger.warning("--overwrite: removed %s from %s", ", ".join(p.name for p in replaced), out)
+        out.mkdir(parents=True, exist_ok=True)
         log.reset()
     if w.is_main:
         write_json(out / RESOLVED_FILE, resolved)
@@ -209,7 +236,7 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
     steps_run = 0
     budget_stops: list[str] = []
     t_call = time.monotonic()
-    with logging_redirect_tqdm():
+    with logging_redirect_tqdm(), StopRequest() as stop:
         for si, stage in enumerate(stages):
             if si < st.stage_index:
                 continue
@@ -244,7 +271,7 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                 if w.is_main:
                     save_state(state_path, method_name=method.name, model=method.state_dict(),
                                optimizers={k: o.state_dict() for k, o in opts.items()}, state=st,
-                               seed=generator_seed, generator=gen_state, rng=rng_state())
+                               seed=generator_seed, generator=gen_state, rng=rng_state(), run=identity)
                 if sync:
                     ddp.barrier()
 
@@ -329,6 +356,8 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                             checkpoint()
                         if callback is not None:
                             callback(rec)
+                        if ddp.any_rank(stop.requested, device) if w.distributed else stop.requested:
+                            raise KeyboardInterrupt  # step finished: the handler below saves it
                         if over_budget:
                             logger.warning("stage %s: wall-clock budget of %.2f min spent at step %d/%d; "
                                            "stopping the stage", stage.name, budget_min, st.step, total)
@@ -349,7 +378,8 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                     logger.warning("interrupted inside step %d; keeping the previous checkpoint", st.step + 1)
                 else:
                     checkpoint(sync=False)
-                    logger.warning("interrupted; state of step %d saved to %s", st.step, state_path)
+                    logger.warning("interrupted%s; state of step %d saved to %s (continue with --resume)",
+                                   f" by {stop.name}" if stop.requested else "", st.step, state_path)
                 raise
             bar.close()
             # end of stage: final validation, restore the best weights, hook, save
@@ -375,6 +405,10 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
             if w.is_main:
                 log.write({"type": "stage_end", "stage": stage.name, "stage_index": si, "step": total,
                            "best_score": best, "elapsed_s": round(time.monotonic() - t_call, 3)})
+            if stop.requested and si + 1 < len(stages):
+                logger.warning("interrupted by %s; stage %s finished and saved to %s (continue with "
+                               "--resume)", stop.name, stage.name, state_path)
+                raise KeyboardInterrupt
     method.eval()
     return FitResult(out, st.best_score, steps_run, True, budget_stops)
 

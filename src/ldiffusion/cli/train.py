@@ -19,7 +19,7 @@ from typing import Any
 
 import typer
 
-from ldiffusion.cli._common import DEVICE, SEED
+from ldiffusion.cli._common import DEVICE, METHOD, SEED
 from ldiffusion.core.config import load_mapping
 from ldiffusion.core.errors import CheckpointError, ConfigError
 
@@ -126,7 +126,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("train")
     def train(
-        method: str = typer.Option(..., "--method", help="Method name (unet, autoencoder, ...)."),
+        method: str = METHOD,
         data: Path = typer.Option(..., "--data", help="Prepared data set folder (with dataset.json)."),
         out: Path = typer.Option(
             ..., "--out", help="Run folder to write (config.json, model.safetensors, ...)."
@@ -157,6 +157,8 @@ def register(app: typer.Typer) -> None:
         """Train METHOD on DATA; the weights chosen on the validation split go to OUT/model.safetensors.
 
         Under `torchrun` (WORLD_SIZE > 1) the processes train together (data parallel).
+
+        Example: ldiffusion train --method unet --data data/monuseg --out runs/unet-monuseg --preset small
         """
         device, world_size, local_rank = distributed_device(device, os.environ)
         is_main = True

@@ -195,7 +195,7 @@ def parse_color(value: Any, where: str) -> tuple[int, int, int] | None:
     if isinstance(value, (list, tuple)) and len(value) in (3, 4):
         try:
             rgb = tuple(int(c) for c in value[:3])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             rgb = ()
         if len(rgb) == 3 and all(0 <= c <= 255 for c in rgb):
             return rgb  # type: ignore[return-value]
@@ -317,8 +317,8 @@ def read_geojson(
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: cannot read GeoJSON ({e})") from e
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON
+        raise InputError(f"{path}: cannot read GeoJSON ({type(e).__name__}: {str(e)[:200]})") from e
     feats = _feature_list(data, path)
     types = {t.lower() for t in object_types}
     out: list[QuPathFeature] = []
@@ -329,6 +329,8 @@ def read_geojson(
             raise InputError(f"{path}: feature {i} is not a GeoJSON Feature object")
         props = feat.get("properties") or {}
         where = f"{path}: feature {i}"
+        if not isinstance(props, dict):
+            raise InputError(f"{where}: properties={str(props)[:60]!r} is not valid; expected an object")
         otype = _object_type(feat, props)
         if otype not in types:
             continue
@@ -347,6 +349,8 @@ def read_geojson(
             geom = shape(gj)
         except Exception as e:  # shapely raises several types for malformed coordinates
             raise InputError(f"{where}: malformed geometry {str(gj)[:80]!r} ({e})") from e
+        if not np.isfinite(shapely.get_coordinates(geom)).all():
+            raise InputError(f"{where}: geometry {str(gj)[:80]!r} has a NaN or infinite coordinate")
         info = QuPathFeature(i, str(name) if name is not None else None, fid, cname, color, otype, None)
         poly = _polygonal(geom)
         if poly is None:
@@ -396,8 +400,8 @@ def read_class_file(path: str | Path) -> list[ClassInfo]:
         raise ConfigError(f"--classes {path}: file not found")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read class table ({e})") from e
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON
+        raise ConfigError(f"{path}: cannot read class table ({type(e).__name__}: {str(e)[:200]})") from e
     if isinstance(data, dict) and "classes" in data:
         data = data["classes"]
     entries: list[tuple[int, str, Any]] = []
@@ -414,7 +418,9 @@ def read_class_file(path: str | Path) -> list[ClassInfo]:
                 raise ConfigError(
                     f'{path}: entry {k} is {c!r}; expected {{"id": int, "name": str, "color": [r, g, b]}}'
                 )
-            entries.append((int(c["id"]), str(c["name"]), c.get("color")))
+            if isinstance(c["id"], bool) or not isinstance(c["id"], int):
+                raise ConfigError(f"{path}: entry {k} has id {c['id']!r}; expected an integer class id")
+            entries.append((c["id"], str(c["name"]), c.get("color")))
     else:
         raise ConfigError(f"{path}: expected a list of {{id, name, color}} or a {{name: id}} mapping")
     entries.sort(key=lambda e: e[0])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -85,7 +86,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} should be a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={str(value)[:40]} should be a finite number")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
@@ -185,11 +192,26 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _not_finite(text: str) -> Any:
+    raise ConfigError(f"value {text!r} is not a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    return value if math.isfinite(value) else _not_finite(text)
+
+
 def parse_value(text: str) -> Any:
-    """Parse an override value: JSON if it parses (numbers, bools, lists), else the raw string."""
+    """Parse an override value: JSON if it parses (numbers, bools, lists), else the raw string.
+
+    Raises:
+        ConfigError: NaN, Infinity or a number that overflows (1e999), or lists nested too deeply.
+    """
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
+        return json.loads(text, parse_float=_finite_float, parse_constant=_not_finite)
+    except RecursionError:
+        raise ConfigError(f"value {text[:20]!r}... nests lists or mappings too deeply") from None
+    except ValueError:  # not JSON (or an integer too long to convert): the raw text
         low = text.lower()
         if low in ("true", "false"):
             return low == "true"
@@ -211,5 +233,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
-        node[parts[-1]] = parse_value(raw.strip())
+        try:
+            node[parts[-1]] = parse_value(raw.strip())
+        except ConfigError as e:
+            raise ConfigError(f"override {key.strip()!r}: {e}") from None
     return out

@@ -70,7 +70,9 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
     cfg = resolve_config(method_name, file_cfg, preset, [*sets, *(overrides or [])])
     dev = resolve_device(device)
     seed_everything(cfg.seed)
-    method = create_method(method_name, cfg, num_classes=info.num_classes, class_names=info.class_names)
+    contour_px = cfg.boundary_px if cfg.target == "contour" else None
+    class_names = [*info.class_names, "boundary"] if contour_px is not None else info.class_names
+    method = create_method(method_name, cfg, num_classes=len(class_names), class_names=class_names)
     divisor = int(getattr(method, "size_divisor", 1))
     if cfg.crop_px % divisor:
         up = -(-cfg.crop_px // divisor) * divisor
@@ -86,9 +88,11 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
     if annotated_fraction < 1.0:
         annotated = annotated_subset(info.ids("train"), annotated_fraction, cfg.seed)
     transform = TrainTransform(crop_px=cfg.crop_px, flips=cfg.flips, rot90=cfg.rot90,
-                               color_jitter=cfg.color_jitter)
-    train_ds = SegmentationDataset(data, "train", transform=transform, seed=cfg.seed, annotated_ids=annotated)
-    val_ds = SegmentationDataset(data, "val") if has_val else None
+                               color_jitter=cfg.color_jitter, stain_jitter=cfg.stain_jitter,
+                               stain_bias=cfg.stain_bias)
+    train_ds = SegmentationDataset(data, "train", transform=transform, seed=cfg.seed, annotated_ids=annotated,
+                                   contour_px=contour_px)
+    val_ds = SegmentationDataset(data, "val", contour_px=contour_px) if has_val else None
     data_info = {
         "name": info.name,
         "root": str(data),
@@ -96,7 +100,8 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
         "annotated_fraction": annotated_fraction,
         "n_annotated": len(annotated) if annotated is not None else len(info.ids("train")),
     }
-    method.extra_info = {"data": data_info, "palette": info.palette.tolist()}
+    palette = info.palette.tolist() + ([[255, 255, 255]] if contour_px is not None else [])  # boundary: white
+    method.extra_info = {"data": data_info, "palette": palette}
     return fit(method, train_ds, val_ds, out, device=dev, generator_seed=cfg.seed, resume=resume,
                progress=progress, run_info={"data": data_info}, overwrite=overwrite,
                data_fingerprint=fingerprint)

@@ -23,7 +23,8 @@ from ldiffusion.core.errors import LDiffusionError
 
 app = typer.Typer(
     name="ldiffusion",
-    help="Diffusion models for pathology image segmentation (L-Diffusion, LDSeg, cDAL).",
+    help="Diffusion models for pathology image segmentation (L-Diffusion, LDSeg, cDAL).\n\n"
+    "Example: ldiffusion train --method ldseg --data data/monuseg --out runs/ldseg-monuseg --preset small",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

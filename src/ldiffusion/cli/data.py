@@ -13,7 +13,8 @@ import typer
 
 from ldiffusion.core.errors import ConfigError
 
-app = typer.Typer(help="Prepare, check and synthesise data sets in the ldiffusion format.",
+app = typer.Typer(help="Prepare, check and synthesise data sets in the ldiffusion format.\n\n"
+                  "Example: ldiffusion data prepare monuseg ../shared/data/monuseg data/monuseg",
                   no_args_is_help=True)
 
 for _name in ("data_prepare", "data_check", "data_synth", "data_export"):
@@ -67,6 +68,8 @@ def export_geojson(
 
     With --placement (or --offset / --scale) the objects land at their coordinates on a slide into
     which the images were stitched (e.g. by benchmarks/make_monuseg_slide.py).
+
+    Example: ldiffusion data export-geojson ../shared/data/monuseg/test/Annotations monuseg.geojson
     """
     from ldiffusion.data.qupath import export_aperio_xml
 

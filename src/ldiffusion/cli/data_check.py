@@ -26,6 +26,8 @@ def register(app: typer.Typer) -> None:
         Prints "OK: <name>, N images (train a / val b / test c), K classes" and exits 0, or one
         line per problem ("<file>: <message>") and exits 2. Orphan files (in no split) are
         warnings: they are printed but fail only with --strict.
+
+        Example: ldiffusion data check data/monuseg
         """
         problems = validate(root)
         errors = [p for p in problems if p.level == "error" or strict]

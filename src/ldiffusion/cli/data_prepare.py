@@ -123,7 +123,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("prepare", help=f"Convert a public data set into the ldiffusion format. FORMAT: {choices}."
                                  "\n\n`prepare FORMAT SRC OUT` for a release folder; `prepare qupath OUT "
-                                 "--slides DIR --annotations DIR` for slides annotated in QuPath (GeoJSON).")
+                                 "--slides DIR --annotations DIR` for slides annotated in QuPath (GeoJSON)."
+                                 "\n\nExample: ldiffusion data prepare monuseg ../shared/data/monuseg "
+                                 "data/monuseg")
     def prepare(
         fmt: str = typer.Argument(..., metavar="FORMAT", help=f"Source format, one of: {choices}."),
         paths: list[Path] = typer.Argument(..., metavar="SRC OUT",

@@ -29,6 +29,8 @@ def register(app: typer.Typer) -> None:
 
         Classes: 0 background (and gland lumen), 1 stroma, 2 nucleus, 3 gland epithelium,
         4 necrosis (rare, ~20% of the images). Use it for smoke tests and demos.
+
+        Example: ldiffusion data synth data/synth --n 40 --size 128 --seed 0
         """
         info = make_synthetic_dataset(out, n=n, size=size, seed=seed, force=force)
         c = {s: len(v) for s, v in info.splits.items()}

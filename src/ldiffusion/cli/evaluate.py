@@ -41,6 +41,9 @@ def register(app: typer.Typer) -> None:
 
         Writes the metrics as JSON to --out (fractions in [0, 1]) and prints a table. Exits 2 when a
         prediction is missing or has the wrong size.
+
+        Example: ldiffusion evaluate --pred preds/unet --data data/monuseg --split test
+        --out preds/unet/metrics.json --foreground-only --instances
         """
         from ldiffusion.core.errors import InputError
         from ldiffusion.core.io import write_json

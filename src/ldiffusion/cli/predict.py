@@ -40,7 +40,10 @@ def register(app: typer.Typer) -> None:
                                             "ddim_steps=6 (LDSeg), n_samples=5, precision=fp32."),
         no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     ) -> None:
-        """Predict class maps <id>.png and overlays <id>_overlay.png into OUT."""
+        """Predict class maps <id>.png and overlays <id>_overlay.png into OUT.
+
+        Example: ldiffusion predict runs/unet-monuseg --data data/monuseg --split test --out preds/unet
+        """
         from ldiffusion.core.device import resolve_device
         from ldiffusion.infer.predict import predict_folder
         from ldiffusion.methods import load_segmenter

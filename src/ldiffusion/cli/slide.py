@@ -11,7 +11,8 @@ from ldiffusion.core.errors import InputError
 
 app = typer.Typer(
     name="slide",
-    help="Whole-slide images: tiled prediction to OME-TIFF, GeoJSON, stats; regions to annotate next.",
+    help="Whole-slide images: tiled prediction to OME-TIFF, GeoJSON, stats; regions to annotate next.\n\n"
+    "Example: ldiffusion slide predict runs/unet-monuseg slides/monuseg_test_slide.tif --out slide_out",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -73,7 +74,10 @@ def predict(
     seed: int = SEED,
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bars."),
 ) -> None:
-    """Predict whole slides into OUT/<id>/ (labels.ome.tif, annotations.geojson, overlay.png, stats.json)."""
+    """Predict whole slides into OUT/<id>/ (labels.ome.tif, annotations.geojson, overlay.png, stats.json).
+
+    Example: ldiffusion slide predict runs/unet-monuseg slides/monuseg_test_slide.tif --out slide_out
+    """
     from ldiffusion.infer.outputs import run_fingerprint
     from ldiffusion.infer.slide_predict import (
         RunLoader,
@@ -155,6 +159,9 @@ def suggest(
     Score = mean per-pixel entropy of the predicted probabilities (normalised by log K), or with
     --samples S > 1 the method's own spread over S draws; the top N are kept greedily with at
     least --min-spacing between their centres.
+
+    Example: ldiffusion slide suggest runs/unet-monuseg slides/monuseg_test_slide.tif --n 20
+    --out next.geojson
     """
     from ldiffusion.core.device import resolve_device
     from ldiffusion.infer.suggest import suggest_regions, write_suggestions

@@ -38,7 +38,10 @@ def register(app: typer.Typer) -> None:
         open_browser: bool = typer.Option(False, "--open", help="Open the page in the default browser."),
         cache_mb: int = typer.Option(256, "--cache-mb", help="Tile cache size in MiB."),
     ) -> None:
-        """Serve a page of slide predictions (class map, uncertainty, objects) or image predictions."""
+        """Serve a page of slide predictions (class map, uncertainty, objects) or image predictions.
+
+        Example: ldiffusion view slide_out/monuseg_test_slide (a `slide predict ... --out slide_out` folder)
+        """
         from ldiffusion.core.errors import InputError
         from ldiffusion.view.server import check_host, create_app, require_server, serve
         from ldiffusion.view.sources import Catalog

@@ -41,6 +41,7 @@ STATE_JS = """(() => {
     }
   }
   return {items: n, ready: b.ready === '1', full: full, tiles: Number(b.tilesLoaded || 0),
+          failed: Number(b.tilesFailed || 0),
           firstTileMs: b.firstTileMs === undefined ? null : Number(b.firstTileMs)};
 })()"""
 
@@ -149,6 +150,8 @@ class Chromium:
         )["sessionId"]
         self.send("Page.enable")
         self.send("Runtime.enable")
+        self.send("Page.bringToFront")
+        self.send("Emulation.setFocusEmulationEnabled", {"enabled": True})
         self.send(
             "Emulation.setDeviceMetricsOverride",
             {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False},
@@ -178,12 +181,23 @@ class Chromium:
                 raise LDiffusionError(f"timed out after {timeout_s:.0f} s waiting for: {expression[:80]}")
             time.sleep(poll_s)
 
-    def wait_tiles(self, timeout_s: float = 120.0, settle_s: float = 0.5) -> dict[str, Any]:
-        """Wait until every visible layer is fully loaded, then `settle_s` more; return the state."""
-        self.wait_for(f"{STATE_JS}.full", timeout_s)
-        time.sleep(settle_s)
-        self.wait_for(f"{STATE_JS}.full", timeout_s)
-        return self.evaluate(STATE_JS)
+    def wait_tiles(self, timeout_s: float = 120.0, settle_s: float = 1.0) -> dict[str, Any]:
+        """Wait until all visible layers are loaded and no tile came for `settle_s`; return the state."""
+        t0 = time.monotonic()
+        last, since = -1, time.monotonic()
+        while True:
+            try:
+                state = self.evaluate(STATE_JS) or {}
+            except LDiffusionError:
+                state = {}
+            now = time.monotonic()
+            if state.get("tiles") != last:
+                last, since = state.get("tiles", -1), now
+            if state.get("full") and now - since >= settle_s:
+                return state
+            if now - t0 > timeout_s:
+                raise LDiffusionError(f"timed out after {timeout_s:.0f} s waiting for the tiles ({state})")
+            time.sleep(0.1)
 
     def screenshot(self) -> bytes:
         """PNG bytes of the viewport."""
@@ -220,7 +234,9 @@ def main() -> None:
     ap.add_argument("--query", default="", help="URL parameters of the page, e.g. labels=1&opacity=0.6")
     ap.add_argument("--width", type=int, default=1280)
     ap.add_argument("--height", type=int, default=800)
-    ap.add_argument("--zoom", type=float, default=None, help="zoom in by this factor around the centre first")
+    ap.add_argument("--zoom", type=float, default=None, help="zoom in by this factor from the home view")
+    ap.add_argument("--center", default="0.5,0.5", help="zoom centre as fractions of width,height")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the tiles")
     a = ap.parse_args()
     from ldiffusion.view.server import create_app, running
     from ldiffusion.view.sources import Catalog
@@ -232,16 +248,21 @@ def main() -> None:
         t_server = time.perf_counter() - t0
         t1 = time.perf_counter()
         browser.open(f"{url}/slide/{sid}?{a.query}")
-        browser.wait_for(f"{STATE_JS}.tiles > 0")
+        browser.wait_for(f"{STATE_JS}.tiles > 0", a.timeout)
         t_first = time.perf_counter() - t1
-        state = browser.wait_tiles()
+        state = browser.wait_tiles(a.timeout)
         t_full = time.perf_counter() - t1
         if a.zoom:
+            cx, cy = (float(v) for v in a.center.split(","))
             browser.evaluate(
-                f"window.ldvViewer.viewport.zoomBy({a.zoom}); "
-                "window.ldvViewer.viewport.applyConstraints(true); 1"
+                "(() => { const v = window.ldvViewer, it = v.world.getItemAt(0), s = it.getContentSize();"
+                f" const p = it.imageToViewportCoordinates({cx} * s.x, {cy} * s.y);"
+                f" v.viewport.zoomTo(v.viewport.getHomeZoom() * {a.zoom}, p, true);"
+                " v.viewport.panTo(p, true);"
+                " return 1; })()"
             )
-            state = browser.wait_tiles()
+            time.sleep(1.0)  # let OpenSeadragon request the new level before asking whether it is loaded
+            state = browser.wait_tiles(a.timeout, settle_s=2.0)
         a.png.write_bytes(browser.screenshot())
     catalog.close()
     print(  # noqa: T201

@@ -19,7 +19,7 @@ from ldiffusion.core.errors import InputError
 
 #: outline tiles are drawn only when an object is at least this many screen pixels per level-0 pixel
 #: apart, i.e. at downsamples <= this value (coarser: transparent tiles)
-MAX_OUTLINE_DOWNSAMPLE = 16
+MAX_OUTLINE_DOWNSAMPLE = 8
 
 
 class ObjectIndex:
@@ -82,16 +82,20 @@ class ObjectIndex:
         img = Image.new("RGBA", (w, h), (0, 0, 0, 0))
         if ds > MAX_OUTLINE_DOWNSAMPLE or not len(self.geoms):
             return np.asarray(img)
-        box = self._shapely.box(x0, y0, x0 + w * ds, y0 + h * ds)
+        shapely = self._shapely
+        hits = self.tree.query(shapely.box(x0, y0, x0 + w * ds, y0 + h * ds))
+        if not len(hits):
+            return np.asarray(img)
+        parts, part_of = shapely.get_parts(self.geoms[hits], return_index=True)
+        rings, ring_of = shapely.get_rings(parts, return_index=True)
+        xy, point_of = shapely.get_coordinates(rings, return_index=True)
+        xy = (xy - (x0, y0)) / ds
+        starts = np.searchsorted(point_of, np.arange(len(rings) + 1))
+        owner = hits[part_of[ring_of]]
         draw = ImageDraw.Draw(img)
-        for i in self.tree.query(box).tolist():
-            colour = (*self.colours[i], 255)
-            for poly in self._shapely.get_parts(self.geoms[i]):
-                if poly.geom_type != "Polygon":
-                    continue
-                for ring in (poly.exterior, *poly.interiors):
-                    xy = (np.asarray(ring.coords) - (x0, y0)) / ds
-                    draw.line([tuple(p) for p in xy.tolist()], fill=colour, width=1)
+        for r in range(len(rings)):
+            pts = xy[starts[r] : starts[r + 1]]
+            draw.line(pts.ravel().tolist(), fill=(*self.colours[owner[r]], 255), width=1)
         return np.asarray(img)
 
     def at(self, x: float, y: float) -> int | None:

@@ -271,6 +271,15 @@ def create_app(catalog: Catalog, *, allow_remote: bool = False, cache_mb: int = 
     middleware = [Middleware(PathGuard)]
     if not allow_remote:
         middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_NAMES)))
+    def build_indexes() -> None:  # the GeoJSON index in the background, before the first outline tile
+        for s in catalog.slides.values():
+            try:
+                if s.objects is not None:
+                    s.objects.get()
+            except LDiffusionError as e:
+                logger.warning("%s: objects not shown: %s", s.sid, e)
+
+    threading.Thread(target=build_indexes, name="ldiffusion-view-objects", daemon=True).start()
     app = Starlette(routes=routes, middleware=middleware)
     app.state.catalog = catalog
     app.state.cache = cache

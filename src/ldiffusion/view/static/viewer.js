@@ -178,6 +178,10 @@ async function main() {
       (info.mpp ? `, ${info.mpp} µm/px` : ', mpp unknown') +
       ` · ${state.tiles} tiles · first tile ${state.firstTileMs.toFixed(0)} ms`;
   });
+  viewer.addHandler('tile-load-failed', (e) => {
+    document.body.dataset.tilesFailed = String(Number(document.body.dataset.tilesFailed || 0) + 1);
+    document.body.dataset.lastFailure = String(e.message);
+  });
   viewer.world.addHandler('add-item', (e) => {
     const url = e.item.source.getTileUrl(info.max_level, 0, 0);
     const name = url.split('/')[3];

@@ -134,6 +134,11 @@ ABLATIONS = [
     {"seg_mode": "pixel"},
     {"seg_loss": "dice"},
     {"seg_inputs": "grey+rgb"},
+    {"component_schedule": "per_class_iterative", "per_class_iterations": 2},
+    {"feature_channels": "grey+rgb", "seg_with_image": True},
+    {"seg_head_stride": 1},
+    {"feature_norm": "fixed"},
+    {"t_train_max": 50, "t_full_share": 0.1, "crt_warmup_steps": 1},
 ]
 
 

@@ -9,9 +9,8 @@ from ldiffusion.methods import METHODS, create_method, load_segmenter, resolve_c
 def test_registry_and_presets():
     assert {"unet", "autoencoder"} <= set(METHODS.names())
     cfg = resolve_config("unet", {"lr": 0.01}, "small", ["batch_size=2"])
-    assert (cfg.base, cfg.depth, cfg.crop_px, cfg.lr, cfg.batch_size, cfg.preset) == (
-        32,
-        4,
+    assert (cfg.encoder, cfg.crop_px, cfg.lr, cfg.batch_size, cfg.preset) == (
+        "resnet18",
         256,
         0.01,
         2,

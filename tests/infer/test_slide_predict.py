@@ -358,3 +358,19 @@ def test_sigkill_mid_run_then_resume_is_byte_identical(slide_path, tmp_path):
         assert (tmp_path / "run" / "synthetic" / name).read_bytes() == (
             tmp_path / "ref" / "synthetic" / name
         ).read_bytes(), name
+
+
+def test_uncertainty_pyramid_is_the_normalised_entropy(slide_path, tmp_path):
+    predict_slide(ConstantModel(), slide_path, tmp_path, formats="ome-tiff,uncertainty", **FAST)
+    out = tmp_path / "synthetic"
+    labels, _ = read_levels(out / "labels.ome.tif")
+    unc, ome = read_levels(out / "uncertainty.ome.tif")
+    assert [lv.shape for lv in unc] == [lv.shape for lv in labels]
+    p = np.array([0.3, 0.7])
+    expected = round(255 * float(-(p * np.log(p)).sum() / np.log(2)))  # 224
+    assert all((lv == expected).all() for lv in unc)
+    assert 'PhysicalSizeX="0.25"' in ome
+    # a one-hot model is certain everywhere
+    predict_slide(PositionModel(), slide_path, tmp_path / "b", formats="uncertainty", **FAST)
+    certain, _ = read_levels(tmp_path / "b" / "synthetic" / "uncertainty.ome.tif")
+    assert all((lv == 0).all() for lv in certain)

@@ -39,7 +39,13 @@ def predict(
     formats: str = typer.Option(
         "ome-tiff,geojson,png",
         "--formats",
-        help="Comma-separated outputs: ome-tiff, geojson, png (stats.json always).",
+        help="Comma-separated outputs: ome-tiff, geojson, png, uncertainty (stats.json always).",
+    ),
+    uncertainty: bool = typer.Option(
+        False,
+        "--uncertainty",
+        help="Also write uncertainty.ome.tif (normalised entropy of the blended probabilities, "
+        "255 = 1, pyramidal like labels.ome.tif; what `ldiffusion view` shows as its uncertainty layer).",
     ),
     resume: bool = typer.Option(
         False,
@@ -104,7 +110,7 @@ def predict(
         tile_px=tile,
         overlap_px=overlap,
         batch_size=batch_size,
-        formats=parse_formats(formats),
+        formats=parse_formats(formats + (",uncertainty" if uncertainty else "")),
         resume=resume,
         overwrite=overwrite,
         tissue=tissue,

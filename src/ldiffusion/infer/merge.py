@@ -72,6 +72,8 @@ class TileMerger:
         chunk_px: label-map chunk side (finalisation granularity).
         sigma_scale: Gaussian blending sigma as a fraction of the tile side.
         keep_tiles: keep batch files after finalisation (debugging, `blend_region` over everything).
+        uncertainty: also finalise `uncertainty.zarr` (uint8, 255 = 1): the normalised entropy of the
+            blended probabilities (`uncertainty_from_blend`).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class TileMerger:
         chunk_px: int = 512,
         sigma_scale: float = 0.125,
         keep_tiles: bool = False,
+        uncertainty: bool = False,
     ) -> None:
         if any(b.y < a.y for a, b in itertools.pairwise(tiles)):
             raise InputError("tiles must be in row-major order (non-decreasing y)")
@@ -103,6 +106,7 @@ class TileMerger:
         self.tile_dir = self.work_dir / "tiles"
         self.state_path = self.work_dir / "state.json"
         self.labels_path = self.work_dir / "labels.zarr"
+        self.uncertainty_path = self.work_dir / "uncertainty.zarr"
         self.params = {
             "version": STATE_VERSION,
             "width": self.width,
@@ -112,6 +116,7 @@ class TileMerger:
             "chunk_px": self.chunk_px,
             "sigma_scale": sigma_scale,
             "tiles": [[t.x, t.y, t.w, t.h] for t in self.tiles],
+            **({"uncertainty": True} if uncertainty else {}),
             **(params or {}),
         }
         self._weights: dict[int, np.ndarray] = {}
@@ -129,19 +134,19 @@ class TileMerger:
                 shutil.rmtree(self.work_dir)
             self.tile_dir.mkdir(parents=True)
             c = self.chunk_px
-            self.labels = zarr.create_array(
-                store=str(self.labels_path),
-                shape=(self.height, self.width),
-                chunks=(min(c, self.height), min(c, self.width)),
-                dtype="uint8",
-                fill_value=0,
-                overwrite=True,
-            )
+            def new_map(path: Path) -> Any:
+                return zarr.create_array(store=str(path), shape=(self.height, self.width),
+                                         chunks=(min(c, self.height), min(c, self.width)), dtype="uint8",
+                                         fill_value=0, overwrite=True)
+
+            self.labels = new_map(self.labels_path)
+            self.uncertainty = new_map(self.uncertainty_path) if uncertainty else None
             self._save_state()
         else:
             self.batches_done = int(state["batches_done"])
             self.rows_done = int(state["rows_done"])
             self.labels = zarr.open_array(str(self.labels_path), mode="r+")
+            self.uncertainty = zarr.open_array(str(self.uncertainty_path), mode="r+") if uncertainty else None
             self.tile_dir.mkdir(parents=True, exist_ok=True)
             logger.info(
                 "resuming %s: %d/%d batches done, %d/%d rows final",
@@ -241,6 +246,8 @@ class TileMerger:
                 # resident memory stays at a few tiles whatever the slide width
                 acc, wsum = self.blend_region(x0, y0, x1, y1)
                 self.labels[y0:y1, x0:x1] = labels_from_blend(acc, wsum)
+                if self.uncertainty is not None:
+                    self.uncertainty[y0:y1, x0:x1] = uncertainty_from_blend(acc, wsum)
         self.rows_done = max(self.rows_done, target)
         self._save_state()
         self._cleanup()
@@ -315,6 +322,19 @@ def labels_from_blend(acc: np.ndarray, wsum: np.ndarray) -> np.ndarray:
     return lab
 
 
+def uncertainty_from_blend(acc: np.ndarray, wsum: np.ndarray) -> np.ndarray:
+    """Return uint8 uncertainty = 255 * entropy(acc / wsum) / log K (0 where `wsum == 0` or K == 1)."""
+    k = acc.shape[0]
+    if k < 2:
+        return np.zeros(wsum.shape, np.uint8)
+    p = acc / np.maximum(wsum, 1e-12)[None]
+    p = p / np.maximum(p.sum(0, keepdims=True), 1e-12)
+    ent = -(p * np.log(np.maximum(p, 1e-12))).sum(0) / np.log(k)
+    out = np.clip(np.rint(ent * 255.0), 0, 255).astype(np.uint8)
+    out[wsum <= 0] = 0
+    return out
+
+
 # ---------------------------------------------------------------------- pyramid
 
 
@@ -342,9 +362,9 @@ def pyramid_ratios(
 
 
 def build_pyramid(
-    labels: Any, group_dir: str | Path, ratios: Sequence[int], chunk_px: int = 512
+    labels: Any, group_dir: str | Path, ratios: Sequence[int], chunk_px: int = 512, prefix: str = "level"
 ) -> list[Any]:
-    """Write downsampled label levels (nearest: every `r`-th pixel) as zarr arrays `level1`, `level2`, ...
+    """Write downsampled levels (nearest: every `r`-th pixel) as zarr arrays `<prefix>1`, `<prefix>2`, ...
 
     Args:
         labels: level-0 zarr array (H, W) uint8.
@@ -361,7 +381,7 @@ def build_pyramid(
         ph, pw = prev.shape
         h, w = math.ceil(ph / r), math.ceil(pw / r)
         arr = zarr.create_array(
-            store=str(Path(group_dir) / f"level{i}.zarr"),
+            store=str(Path(group_dir) / f"{prefix}{i}.zarr"),
             shape=(h, w),
             chunks=(min(chunk_px, h), min(chunk_px, w)),
             dtype="uint8",

@@ -60,8 +60,10 @@ from ldiffusion.infer.writers import (
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("ome-tiff", "geojson", "png")
-OUTPUT_NAMES = {"ome-tiff": "labels.ome.tif", "geojson": "annotations.geojson", "png": "overlay.png"}
+FORMATS = ("ome-tiff", "geojson", "png", "uncertainty")
+DEFAULT_FORMATS = ("ome-tiff", "geojson", "png")
+OUTPUT_NAMES = {"ome-tiff": "labels.ome.tif", "geojson": "annotations.geojson", "png": "overlay.png",
+                "uncertainty": "uncertainty.ome.tif"}
 DONE_NAME = "done.json"
 #: memory per tile of the tile list (Tile objects, resume state, tissue selection), an upper estimate
 TILE_BOOKKEEPING_BYTES = 1024
@@ -155,7 +157,7 @@ def predict_slide(
     tile_px: int = 512,
     overlap_px: int = 64,
     batch_size: int = 8,
-    formats: str | Sequence[str] = FORMATS,
+    formats: str | Sequence[str] = DEFAULT_FORMATS,
     resume: bool = False,
     progress: bool = True,
     target_mpp: float | None = None,
@@ -179,7 +181,9 @@ def predict_slide(
         tile_px: tile side in working pixels (rounded up to the segmenter's `size_divisor`).
         overlap_px: overlap between neighbouring tiles, in [0, tile_px).
         batch_size: tiles per forward pass (fixed batches make resumed runs identical).
-        formats: any of "ome-tiff", "geojson", "png" (stats.json is always written).
+        formats: any of "ome-tiff", "geojson", "png" and "uncertainty" (stats.json is always written).
+            "uncertainty" writes `uncertainty.ome.tif`, a pyramidal uint8 map (255 = 1) of the
+            normalised entropy of the blended probabilities, with the layout of `labels.ome.tif`.
         resume: continue an interrupted run from its finished batches (else start again).
         progress: show a tqdm bar on stderr.
         target_mpp: predict at this resolution (needs the mpp); None = level 0.
@@ -365,7 +369,8 @@ def _predict_slide(
     )
     work = out / ".work"
     merger = TileMerger(
-        work, width, height, k, tiles, batch_size, params=params, resume=resume, chunk_px=chunk_px
+        work, width, height, k, tiles, batch_size, params=params, resume=resume, chunk_px=chunk_px,
+        uncertainty="uncertainty" in fmts,
     )
     device = _device(segmenter)
     pending = merger.pending_batches()
@@ -406,6 +411,11 @@ def _predict_slide(
         p = out / OUTPUT_NAMES["ome-tiff"]
         write_ome_tiff(p, levels, mpp=label_mpp, uuid=ome_uuid(name, digest), name=name)
         outputs["ome-tiff"] = p.name
+    if "uncertainty" in fmts:
+        p = out / OUTPUT_NAMES["uncertainty"]
+        u_levels = build_pyramid(merger.uncertainty, work, ratios, chunk_px=chunk_px, prefix="uncertainty")
+        write_ome_tiff(p, u_levels, mpp=label_mpp, uuid=ome_uuid(name, digest, "uncertainty"), name=name)
+        outputs["uncertainty"] = p.name
     if "geojson" in fmts:
         p = out / OUTPUT_NAMES["geojson"]
         bx, by = reader.bounds_offset

@@ -63,6 +63,19 @@ LATENT_FACTOR = 16
 #: label-latent strides the networks support (1/16 paper; 1/8 and 1/4 keep more label detail).
 LATENT_STRIDES = (4, 8, 16)
 
+#: the widths of the authors' code [C:model.py], used by the `small` and `paper` presets.
+_CODE_WIDTHS: dict[str, Any] = {
+    "label_widths": (16, 32, 64, 64, 32),
+    "image_stem": 16,
+    "image_widths": (32, 64, 64, 32),
+    "image_heads": 8,
+    "decoder_widths": (32, 64, 64, 32),
+    "denoiser_stem": 16,
+    "denoiser_widths": (16, 32, 64),
+    "temb_dim": 64,
+    "dropout": 0.2,
+}
+
 LDSEG_PRESETS: dict[str, dict[str, Any]] = {
     # METHODS Part 2 §7. tiny: 64 px -> latent 4x4; CPU unit tests.
     "tiny": {
@@ -76,30 +89,10 @@ LDSEG_PRESETS: dict[str, dict[str, Any]] = {
         "temb_dim": 32,
         "dropout": 0.0,
     },
-    # small: 256 px -> latent 16x16 (GlaS resized), CPU minutes.
-    "small": {
-        "label_widths": (16, 32, 64, 64, 32),
-        "image_stem": 16,
-        "image_widths": (32, 64, 64, 32),
-        "image_heads": 8,
-        "decoder_widths": (32, 64, 64, 32),
-        "denoiser_stem": 16,
-        "denoiser_widths": (16, 32, 64),
-        "temb_dim": 64,
-        "dropout": 0.2,
-    },
+    # small: the paper's widths at 256 px -> latent 16x16 (GlaS resized), CPU minutes.
+    "small": dict(_CODE_WIDTHS),
     # paper: the code's widths [C:model.py]; 512 px -> latent 32x32.
-    "paper": {
-        "label_widths": (16, 32, 64, 64, 32),
-        "image_stem": 16,
-        "image_widths": (32, 64, 64, 32),
-        "image_heads": 8,
-        "decoder_widths": (32, 64, 64, 32),
-        "denoiser_stem": 16,
-        "denoiser_widths": (16, 32, 64),
-        "temb_dim": 64,
-        "dropout": 0.2,
-    },
+    "paper": dict(_CODE_WIDTHS),
 }
 
 

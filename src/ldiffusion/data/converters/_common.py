@@ -27,7 +27,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ldiffusion.core.errors import ConfigError, DatasetFormatError, InputError
 from ldiffusion.core.registry import Registry
-from ldiffusion.data.format import IMAGE_SUFFIXES, DatasetInfo, DatasetWriter
+from ldiffusion.data.format import (
+    IMAGE_SUFFIXES,
+    DatasetInfo,
+    DatasetWriter,
+    find_images,
+    read_image,
+    read_mask,
+)
 from ldiffusion.data.staging import commit, open_output, staged
 
 logger = logging.getLogger(__name__)
@@ -175,6 +182,50 @@ def find_file(folder: Path, stem: str, suffixes: Iterable[str] = IMAGE_SUFFIXES)
         if hit is not None:
             return hit
     return None
+
+
+def image_mask_folders(src: Path, layout: str) -> tuple[list[Path], Path]:
+    """Return the images of `src/images` (sorted) and the folder `src/masks`; raise if either is missing
+    (naming `layout`, what was expected) or if there is no image."""
+    img_dir, mask_dir = src / "images", src / "masks"
+    if not img_dir.is_dir() or not mask_dir.is_dir():
+        raise DatasetFormatError(f"{src}: expected {layout}")
+    images = find_images(img_dir)
+    if not images:
+        raise DatasetFormatError(f"{img_dir}: no images found")
+    return images, mask_dir
+
+
+def find_mask(image_path: Path, mask_dir: Path, suffixes: Iterable[str] = IMAGE_SUFFIXES, *,
+              what: str = "mask", hint: str = "") -> Path:
+    """Return the file of `mask_dir` with the stem of `image_path`; raise naming the expected file if none."""
+    path = find_file(mask_dir, image_path.stem, suffixes)
+    if path is None:
+        raise DatasetFormatError(f"{image_path}: no {what} found; expected "
+                                 f"{mask_dir}/{image_path.stem}.png{hint}")
+    return path
+
+
+def check_shape(mask: np.ndarray, mask_path: Path, image: np.ndarray, image_path: Path,
+                what: str = "mask") -> None:
+    """Raise naming both files when `mask` (H, W) does not have the size of `image` (H, W, 3)."""
+    if mask.shape != image.shape[:2]:
+        raise DatasetFormatError(f"{mask_path}: {what} shape {mask.shape} != image shape {image.shape[:2]} "
+                                 f"of {image_path}")
+
+
+def read_pair(image_path: Path, mask_dir: Path, suffixes: Iterable[str] = IMAGE_SUFFIXES, *,
+              what: str = "mask") -> tuple[np.ndarray, np.ndarray, Path]:
+    """Read an image and the mask of the same stem in `mask_dir`, checked to be of the same size.
+
+    Returns:
+        `(image, raw, mask_path)`: the image (H, W, 3) uint8, the mask's values (H, W) as stored.
+    """
+    mask_path = find_mask(image_path, mask_dir, suffixes, what=what)
+    image = read_image(image_path)
+    raw = read_mask(mask_path)
+    check_shape(raw, mask_path, image, image_path, what)
+    return image, raw, mask_path
 
 
 def apply_lut(values: np.ndarray, lut: np.ndarray, path: Path, valid: str) -> np.ndarray:

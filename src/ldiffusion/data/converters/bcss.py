@@ -33,20 +33,21 @@ from pathlib import Path
 
 import numpy as np
 
-from ldiffusion.core.errors import ConfigError, DatasetFormatError
+from ldiffusion.core.errors import ConfigError
 from ldiffusion.data.converters._common import (
     apply_lut,
     as_amount,
     as_float,
     check_src,
     collect_options,
-    find_file,
     finish,
+    image_mask_folders,
     prepare_out,
     progress_bar,
+    read_pair,
     register,
 )
-from ldiffusion.data.format import ClassInfo, DatasetInfo, find_images, read_image, read_mask
+from ldiffusion.data.format import ClassInfo, DatasetInfo
 from ldiffusion.data.splits import make_splits, split_train_val_test
 
 logger = logging.getLogger(__name__)
@@ -114,25 +115,13 @@ def convert(src: Path, out: Path, *, seed: int = 0, progress: bool = True, class
     options = collect_options(locals())
     infos, lut = class_map(str(classes))
     src = check_src(src, "BCSS")
-    img_dir, mask_dir = src / "images", src / "masks"
-    if not img_dir.is_dir() or not mask_dir.is_dir():
-        raise DatasetFormatError(f"{src}: expected BCSS folders images/ and masks/ (same file stems)")
-    images = find_images(img_dir)
-    if not images:
-        raise DatasetFormatError(f"{img_dir}: no images found")
+    images, mask_dir = image_mask_folders(src, "BCSS folders images/ and masks/ (same file stems)")
     writer = prepare_out(out)
     ids = []
     valid = f"BCSS ground-truth codes 0..{len(CODES) - 1}"
     with progress_bar(images, desc=f"bcss {classes}", progress=progress) as bar:
         for p in bar:
-            mpath = find_file(mask_dir, p.stem)
-            if mpath is None:
-                raise DatasetFormatError(f"{p}: no mask found; expected {mask_dir}/{p.stem}.png")
-            image = read_image(p)
-            raw = read_mask(mpath)
-            if raw.shape != image.shape[:2]:
-                raise DatasetFormatError(f"{mpath}: mask shape {raw.shape} != image shape {image.shape[:2]} "
-                                         f"of {p}")
+            image, raw, mpath = read_pair(p, mask_dir)
             writer.add(p.stem, image, apply_lut(raw, lut, mpath, valid))
             ids.append(p.stem)
     groups = {i: slide_id(i) for i in ids}

@@ -32,13 +32,13 @@ from ldiffusion.data.converters._common import (
     apply_lut,
     check_src,
     collect_options,
-    find_file,
     finish,
     prepare_out,
     progress_bar,
+    read_pair,
     register,
 )
-from ldiffusion.data.format import ClassInfo, DatasetInfo, DatasetWriter, find_images, read_image, read_mask
+from ldiffusion.data.format import ClassInfo, DatasetInfo, DatasetWriter, find_images
 from ldiffusion.data.splits import make_splits, split_groups
 
 logger = logging.getLogger(__name__)
@@ -75,14 +75,7 @@ def _convert_split(folder: Path, writer: DatasetWriter, progress: bool) -> list[
     ids = []
     with progress_bar(images, desc=f"consep {folder.name}", progress=progress) as bar:
         for p in bar:
-            lab_path = find_file(lab_dir, p.stem, (".png", ".bmp", ".tif", ".tiff"))
-            if lab_path is None:
-                raise DatasetFormatError(f"{p}: no label found; expected {lab_dir}/{p.stem}.png")
-            image = read_image(p)
-            raw = read_mask(lab_path)
-            if raw.shape != image.shape[:2]:
-                raise DatasetFormatError(f"{lab_path}: label shape {raw.shape} != image shape "
-                                         f"{image.shape[:2]} of {p}")
+            image, raw, lab_path = read_pair(p, lab_dir, (".png", ".bmp", ".tif", ".tiff"), what="label")
             label = apply_lut(raw, MERGE, lab_path, "CoNSeP type ids 0..7")
             writer.add(p.stem, image, label)
             ids.append(p.stem)

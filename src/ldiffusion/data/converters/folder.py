@@ -29,17 +29,19 @@ import numpy as np
 from ldiffusion.core.errors import ConfigError, DatasetFormatError
 from ldiffusion.data.converters._common import (
     as_amount,
+    check_shape,
     check_src,
     collect_options,
-    find_file,
+    find_mask,
     finish,
+    image_mask_folders,
     map_colours,
     prepare_out,
     progress_bar,
     read_rgb_mask,
     register,
 )
-from ldiffusion.data.format import ClassInfo, DatasetInfo, find_images, read_image, read_mask
+from ldiffusion.data.format import ClassInfo, DatasetInfo, read_image, read_mask
 from ldiffusion.data.splits import make_splits, split_train_val_test
 
 logger = logging.getLogger(__name__)
@@ -134,20 +136,13 @@ def convert(src: Path, out: Path, *, seed: int = 0, progress: bool = True, mappi
     kind, table = parse_mapping(str(mapping))
     class_names = [s.strip() for s in str(names).split(",") if s.strip()] if names else []
     src = check_src(src, "image/mask")
-    img_dir, mask_dir = src / "images", src / "masks"
-    if not img_dir.is_dir() or not mask_dir.is_dir():
-        raise DatasetFormatError(f"{src}: expected folders images/ and masks/ with files of the same stem")
-    images = find_images(img_dir)
-    if not images:
-        raise DatasetFormatError(f"{img_dir}: no images found")
+    images, mask_dir = image_mask_folders(src, "folders images/ and masks/ with files of the same stem")
     writer = prepare_out(out)
     ids: list[str] = []
     max_id = max((t for t in table.values() if t != IGNORE), default=0)
     with progress_bar(images, desc="folder", progress=progress) as bar:
         for p in bar:
-            mpath = find_file(mask_dir, p.stem)
-            if mpath is None:
-                raise DatasetFormatError(f"{p}: no mask found; expected {mask_dir}/{p.stem}.png (same stem)")
+            mpath = find_mask(p, mask_dir, hint=" (same stem)")
             image = read_image(p)
             if kind == "colour":
                 label = map_colours(read_rgb_mask(mpath), table, mpath,
@@ -162,9 +157,7 @@ def convert(src: Path, out: Path, *, seed: int = 0, progress: bool = True, mappi
                                                  "id (0..255); give a mapping")
                     label = raw.astype(np.uint8)
                     max_id = max(max_id, int(label[label != IGNORE].max(initial=0)))
-            if label.shape != image.shape[:2]:
-                raise DatasetFormatError(f"{mpath}: mask shape {label.shape} != image shape "
-                                         f"{image.shape[:2]} of {p}")
+            check_shape(label, mpath, image, p)
             writer.add(p.stem, image, label)
             ids.append(p.stem)
     n_classes = max(max_id + 1, len(class_names), 1)

@@ -32,6 +32,7 @@ import numpy as np
 from ldiffusion.core.errors import DatasetFormatError
 from ldiffusion.data.converters._common import (
     as_amount,
+    check_shape,
     check_src,
     collect_options,
     find_file,
@@ -111,9 +112,7 @@ def convert(src: Path, out: Path, *, seed: int = 0, progress: bool = True,
                                          f"{stem}_anno.bmp/.png")
             image = read_image(img_path)
             inst = read_mask(anno).astype(np.int32)
-            if inst.shape != image.shape[:2]:
-                raise DatasetFormatError(f"{anno}: mask shape {inst.shape} != image shape "
-                                         f"{image.shape[:2]} of {img_path}")
+            check_shape(inst, anno, image, img_path)
             writer.add(stem, image, (inst > 0).astype(np.uint8), inst)
 
     grade = src / "Grade.csv"

@@ -32,6 +32,7 @@ from skimage.draw import polygon as draw_polygon
 
 from ldiffusion.core.errors import DatasetFormatError
 from ldiffusion.data.converters._common import (
+    check_shape,
     check_src,
     collect_options,
     find_file,
@@ -140,9 +141,7 @@ def _convert_split(folder: Path, split: str, writer: DatasetWriter,
                     raise DatasetFormatError(f"{p}: no annotation found; expected {folder}/Annotations/"
                                              f"{stem}.xml[.gz] or {folder}/Binary_masks/{stem}.png")
                 label = read_mask(mpath)
-                if label.shape != image.shape[:2]:
-                    raise DatasetFormatError(f"{mpath}: mask shape {label.shape} != image shape "
-                                             f"{image.shape[:2]} of {p}")
+                check_shape(label, mpath, image, p)
                 vals = set(np.unique(label).tolist())
                 if not (vals <= {0, 1} or vals <= {0, 255}):
                     raise DatasetFormatError(f"{mpath}: mask values {sorted(vals - {0, 1})[:5]} are not "

@@ -30,13 +30,13 @@ from ldiffusion.data.converters._common import (
     apply_lut,
     check_src,
     collect_options,
-    find_file,
     finish,
     prepare_out,
     progress_bar,
+    read_pair,
     register,
 )
-from ldiffusion.data.format import ClassInfo, DatasetInfo, DatasetWriter, find_images, read_image, read_mask
+from ldiffusion.data.format import ClassInfo, DatasetInfo, DatasetWriter, find_images
 from ldiffusion.data.splits import make_splits, split_groups
 
 logger = logging.getLogger(__name__)
@@ -61,14 +61,7 @@ def _convert_folder(folder: Path, prefix: str, writer: DatasetWriter, progress: 
     ids = []
     with progress_bar(find_images(img_dir), desc=f"wsss4luad {folder.name}", progress=progress) as bar:
         for p in bar:
-            mpath = find_file(mask_dir, p.stem, (".png",))
-            if mpath is None:
-                raise DatasetFormatError(f"{p}: no mask found; expected {mask_dir}/{p.stem}.png")
-            image = read_image(p)
-            raw = read_mask(mpath)
-            if raw.shape != image.shape[:2]:
-                raise DatasetFormatError(f"{mpath}: mask shape {raw.shape} != image shape {image.shape[:2]} "
-                                         f"of {p}")
+            image, raw, mpath = read_pair(p, mask_dir, (".png",))
             label = apply_lut(raw, REMAP, mpath, "palette indices 0..3 (tumour, stroma, normal, background)")
             case = f"{prefix}_{p.stem}"
             writer.add(case, image, label)

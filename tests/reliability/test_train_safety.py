@@ -274,10 +274,16 @@ def test_signal_inside_a_step_saves_that_step(data, tmp_path):
         return step_fn(batch, generator, stage)
 
     m.training_step = step_with_signal
-    with pytest.raises(KeyboardInterrupt):
-        fit(m, train, None, tmp_path / "run", progress=False)
+    # a test runner started as a background job inherits SIGINT ignored, and fit keeps an ignored
+    # signal ignored on purpose: give this process Python's default Ctrl-C handler for the test
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit(m, train, None, tmp_path / "run", progress=False)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert load_state(tmp_path / "run" / "train_state.pt")["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     resumed = create_method("unet", preset="tiny", num_classes=5, overrides=ovr)
     r = fit(resumed, train, None, tmp_path / "run", progress=False, resume=True)
     assert r.steps_run == 3
@@ -293,7 +299,9 @@ def test_real_signal_to_the_command_then_resume_continues_exactly(data, tmp_path
     steps = 60
     args = _train(data, tmp_path / "run", "--set", "ckpt_every=1000", steps=steps)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIG_DFL in the child even when this runner was started with SIGINT ignored (a background job)
+    proc = subprocess.Popen(_cli(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = tmp_path / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:

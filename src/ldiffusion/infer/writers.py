@@ -13,7 +13,6 @@ touching only diagonally are separate objects). Holes are kept and every polygon
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import tempfile
@@ -25,8 +24,9 @@ import numpy as np
 from scipy import ndimage
 
 from ldiffusion.core.errors import InputError
-from ldiffusion.core.io import atomic_write, atomic_write_bytes, write_json
+from ldiffusion.core.io import atomic_write_bytes, write_json
 from ldiffusion.data.format import encode_png
+from ldiffusion.data.qupath.geojson import palette_color, polygon_feature, write_feature_collection
 
 logger = logging.getLogger(__name__)
 
@@ -242,40 +242,6 @@ def iter_class_polygons(
                     yield c, p
 
 
-def _ring_coords(ring: Any, scale: float, offset: tuple[float, float], as_int: bool) -> list[list[float]]:
-    xy = np.asarray(ring.coords, dtype=np.float64) * scale + np.asarray(offset, dtype=np.float64)
-    if as_int:
-        return np.rint(xy).astype(np.int64).tolist()
-    return np.round(xy, 3).tolist()
-
-
-def polygon_feature(
-    poly: Any,
-    name: str,
-    color: Sequence[int],
-    *,
-    scale: float = 1.0,
-    offset: tuple[float, float] = (0.0, 0.0),
-    object_type: str = "annotation",
-) -> dict[str, Any]:
-    """Return a QuPath GeoJSON Feature of `poly` (pixel coordinates -> `offset + scale * xy`)."""
-    from shapely.geometry.polygon import orient
-
-    poly = orient(poly, sign=1.0)  # RFC 7946: exterior counter-clockwise, holes clockwise
-    as_int = float(scale).is_integer() and all(float(o).is_integer() for o in offset)
-    coords = [_ring_coords(poly.exterior, scale, offset, as_int)]
-    coords += [_ring_coords(r, scale, offset, as_int) for r in poly.interiors]
-    return {
-        "type": "Feature",
-        "geometry": {"type": "Polygon", "coordinates": coords},
-        "properties": {
-            "objectType": object_type,
-            "isLocked": False,
-            "classification": {"name": name, "color": [int(v) for v in color]},
-        },
-    }
-
-
 def write_geojson(
     path: str | Path,
     labels: Any,
@@ -309,19 +275,17 @@ def write_geojson(
     """
     classes = [c for c in range(len(class_names)) if c not in set(skip)]
     counts = dict.fromkeys((class_names[c] for c in classes), 0)
-    with atomic_write(path, "w") as f:
-        f.write('{"type": "FeatureCollection", "features": [')
-        first = True
+
+    def features() -> Iterator[dict[str, Any]]:
         for c, poly in iter_class_polygons(labels, classes, block_px=block_px):
             if grow_px > 0:
                 poly = poly.buffer(grow_px, join_style="mitre")
-            feat = polygon_feature(
+            counts[class_names[c]] += 1
+            yield polygon_feature(
                 poly, class_names[c], palette[c], scale=scale, offset=offset, object_type=object_type
             )
-            f.write(("\n" if first else ",\n") + json.dumps(feat, separators=(",", ":")))
-            first = False
-            counts[class_names[c]] += 1
-        f.write("\n]}\n")
+
+    write_feature_collection(path, features())
     return counts
 
 
@@ -419,22 +383,8 @@ def pick_level(levels: Sequence[Any], max_px: int) -> Any:
 
 
 def default_palette(num_classes: int) -> np.ndarray:
-    """A fixed (K, 3) uint8 palette: black background, then distinct colours."""
-    base = [
-        (0, 0, 0),
-        (230, 25, 75),
-        (60, 180, 75),
-        (255, 225, 25),
-        (0, 130, 200),
-        (245, 130, 48),
-        (145, 30, 180),
-        (70, 240, 240),
-        (240, 50, 230),
-        (210, 245, 60),
-        (250, 190, 212),
-        (0, 128, 128),
-    ]
-    return np.array([base[i % len(base)] for i in range(num_classes)], dtype=np.uint8)
+    """A fixed (K, 3) uint8 palette: black background, then distinct colours (the QuPath import's)."""
+    return np.array([palette_color(i) for i in range(num_classes)], dtype=np.uint8)
 
 
 def ome_uuid(*parts: Any) -> str:

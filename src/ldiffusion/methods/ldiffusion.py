@@ -59,7 +59,7 @@ from ldiffusion.losses.contrastive import info_nce_loss, sample_pixel_vectors, s
 from ldiffusion.losses.dice import soft_dice_loss
 from ldiffusion.methods.base import MethodConfig, OptimizerSpec, Segmenter, Stage
 from ldiffusion.methods.ldiffusion_config import LDIFFUSION_PRESETS, LDiffusionConfig
-from ldiffusion.methods.ldiffusion_features import feature_stack, generators_for
+from ldiffusion.methods.ldiffusion_features import generators_for
 from ldiffusion.methods.ldiffusion_inference import LDiffusionInference
 from ldiffusion.methods.ldiffusion_norm import install_context_free_norms
 
@@ -378,25 +378,9 @@ class LDiffusionMethod(LDiffusionInference, Segmenter):
         if cfg.component_schedule == "per_class_iterative":  # the chain the re-runs use, with the labels
             comp = reduce_labels_majority(labels, int(self.ae.downsample_factor), self.num_classes)
             table = self.component_table()
-        feats = feature_stack(
-            self.ae,
-            self.unet,
-            self.process,
-            images,
-            steps=cfg.steps,
-            t_start=cfg.t_start,
-            eta=cfg.eta,
-            generators=generators_for(seeds, images.device),
-            feature_mode=cfg.feature_mode,
-            decode_target=cfg.decode_target,
-            grad=True,
-            backprop=cfg.crt_backprop,
-            last_k=cfg.crt_last_k,
-            z0=z0,
-            channels=cfg.feature_channels,
-            component_map=comp,
-            component_table=table,
-        )
+        feats = self._chain_features(images, generators=generators_for(seeds, images.device), grad=True,
+                                     backprop=cfg.crt_backprop, last_k=cfg.crt_last_k, z0=z0,
+                                     component_map=comp, component_table=table)
         feats, lab = self._to_crt_resolution(feats, labels)
         if cfg.crt_sim != "dot":
             feats = standardize_features(feats)

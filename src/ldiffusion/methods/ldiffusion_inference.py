@@ -70,6 +70,15 @@ class LDiffusionInference:
         """Return the (N+1, T_train) float64 ᾱ table of the class schedules (row N: the base schedule)."""
         return self._component_schedule().table  # type: ignore[attr-defined]
 
+    def _chain_features(self, images: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """`feature_stack` of `images` (B, 3, H, W) with the chain settings of the config (T, t_start,
+        eta, feature mode, decode target, channels); `kwargs` add the per-call ones (seeds or
+        generators, z0, component map, gradients)."""
+        cfg = self.cfg
+        return feature_stack(self.ae, self.unet, self.process, images, steps=cfg.steps, t_start=cfg.t_start,
+                             eta=cfg.eta, feature_mode=cfg.feature_mode, decode_target=cfg.decode_target,
+                             channels=cfg.feature_channels, **kwargs)
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Return scaled latents s·E(2x-1).mean (B, c, h, w) of images in [0, 1] (no gradients)."""
         with torch.no_grad():
@@ -101,23 +110,8 @@ class LDiffusionInference:
             acc = None
             for d in range(cfg.feature_draws):
                 sd = list(seeds) if d == 0 else [derive_seed(s, d) for s in seeds]
-                f = feature_stack(
-                    self.ae,
-                    self.unet,
-                    self.process,
-                    images,
-                    steps=cfg.steps,
-                    t_start=cfg.t_start,
-                    eta=cfg.eta,
-                    seeds=sd,
-                    feature_mode=cfg.feature_mode,
-                    decode_target=cfg.decode_target,
-                    z0=z0,
-                    channels=cfg.feature_channels,
-                    component_map=component_map,
-                    component_table=table,
-                    on_step=self._on_step,
-                )
+                f = self._chain_features(images, seeds=sd, z0=z0, component_map=component_map,
+                                         component_table=table, on_step=self._on_step)
                 acc = f if acc is None else acc + f
             assert acc is not None
             return acc / cfg.feature_draws

@@ -127,6 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reuse-runs", action="store_true",
                    help="score finished run folders without training again (unfinished ones are resumed)")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs (train --resume)")
+    p.add_argument("--snapshot-minutes", type=float, nargs="+", default=[],
+                   help="learning-curve points: train --snapshot-minutes M, then score each snapshot as a "
+                        "row of its own (the weights a --max-minutes M run keeps)")
     p.add_argument("--batch-size", type=int, default=None, help="predict --batch-size (tiles per pass)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--out", type=Path, default=None,
@@ -264,6 +267,8 @@ def markdown(res: dict[str, Any]) -> str:
             haus, val = m.get("obj_hausdorff"), r.get("val_score")
             train_s, predict_s = r.get("train_s"), r.get("predict_s")
             label = r["method"] + (f" ({r['tag']})" if r.get("tag") else "")
+            if r.get("snapshot_minutes") is not None:
+                label += f" @ {r['snapshot_minutes']:g} min ({r['steps']} steps)"
             cells = [r["dataset"], part, label, _pct(m.get("dice")), _pct(m.get("miou")),
                      _pct(m.get("aji")), _pct(m.get("pq")), _pct(m.get("obj_f1")), _pct(m.get("obj_dice")),
                      "-" if haus is None else f"{haus:.1f}", "-" if val is None else f"{val:.3f}",
@@ -376,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                     cmd += ["--max-minutes", f"{args.max_minutes:g}"]
                 if args.annotated_fraction is not None:
                     cmd += ["--annotated-fraction", f"{args.annotated_fraction:g}"]
+                for minutes in args.snapshot_minutes:
+                    cmd += ["--snapshot-minutes", f"{minutes:g}"]
                 for s in sets:
                     cmd += ["--set", s]
                 if (args.resume or args.reuse_runs) and (out_run / "train_state.pt").is_file():
@@ -393,40 +400,22 @@ def main(argv: list[str] | None = None) -> int:
             if entry.get("train_s") is None and not args.dry_run:
                 entry["train_s"] = _train_seconds(out_run)
             entry["val_score"] = _best_val(out_run)
-            pred = out_run / ("pred-test-tta" if args.tta else "pred-test")
-            if args.reuse_runs and _predicted(pred, data):
-                print(f"# reusing the predictions in {pred} (--reuse-runs)", flush=True)
-            else:
-                cmd = ["predict", str(out_run), "--data", str(data), "--split", "test", "--out", str(pred),
-                       "--seed", str(args.seed), "--device", args.device, "--no-progress"]
-                if args.batch_size is not None:
-                    cmd += ["--batch-size", str(args.batch_size)]
-                if args.tta:
-                    cmd.append("--tta")
-                rec = run(cmd)
-                entry["commands"].append(rec)
-                entry["predict_s"] = rec.get("wall_s")
-                if rec.get("error"):
-                    failed = True
-                    entry["error"] = f"predict failed: {rec['error']}"
+            if not score_run(run, args, spec, data, out_run, entry):
+                failed = True
+            for minutes in args.snapshot_minutes:
+                snap = out_run / "snapshots" / f"{minutes:g}min"
+                if not (snap / "snapshot.json").is_file():
+                    if not args.dry_run:
+                        print(f"# no snapshot at {minutes:g} min in {out_run} (run shorter than that)", flush=True)
                     continue
-                if not args.dry_run:
-                    _write(pred / "predict_time.json", json.dumps({"wall_s": rec.get("wall_s")}) + "\n")
-            if entry.get("predict_s") is None and (pred / "predict_time.json").is_file():
-                entry["predict_s"] = json.loads((pred / "predict_time.json").read_text()).get("wall_s")
-            entry["scores"] = {}
-            scorings = [(part, part, ()) for part in spec.parts] + list(spec.extra)
-            for label, part, extra_flags in scorings:
-                metrics_path = out_run / f"metrics-{label}{'-tta' if args.tta else ''}.json"
-                rec = run(["evaluate", "--pred", str(pred), "--data", str(data), "--split", part,
-                           "--out", str(metrics_path), *spec.eval_flags, *extra_flags, "--no-progress"])
-                entry["commands"].append(rec)
-                if rec.get("error"):
+                info = json.loads((snap / "snapshot.json").read_text())
+                point: dict[str, Any] = {"dataset": ds, "method": method, "tag": args.tag, "run": str(snap),
+                                         "snapshot_minutes": minutes, "train_s": info["elapsed_s"],
+                                         "steps": info["step"], "val_score": info["best_score"],
+                                         "commands": []}
+                res["results"].append(point)
+                if not score_run(run, args, spec, data, snap, point):
                     failed = True
-                    entry["scores"][label] = {"error": rec["error"]}
-                elif not args.dry_run:
-                    full = json.loads(metrics_path.read_text())
-                    entry["scores"][label] = headline(full)
     res["run_time_s"] = round(time.perf_counter() - t0, 1)
     if args.dry_run:
         print(f"# dry run: {len(run.log)} commands; nothing was run or written", flush=True)
@@ -437,6 +426,46 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(res))
     print(f"wrote {out} and {md} ({res['run_time_s']:.0f} s)")
     return 1 if failed else 0
+
+
+def score_run(run: Any, args: argparse.Namespace, spec: DatasetSpec, data: Path, out_run: Path,
+              entry: dict[str, Any]) -> bool:
+    """Predict the test split with the run folder `out_run` and score it into `entry`; False on a failure."""
+    ok = True
+    pred = out_run / ("pred-test-tta" if args.tta else "pred-test")
+    if args.reuse_runs and _predicted(pred, data):
+        print(f"# reusing the predictions in {pred} (--reuse-runs)", flush=True)
+    else:
+        cmd = ["predict", str(out_run), "--data", str(data), "--split", "test", "--out", str(pred),
+               "--seed", str(args.seed), "--device", args.device, "--no-progress"]
+        if args.batch_size is not None:
+            cmd += ["--batch-size", str(args.batch_size)]
+        if args.tta:
+            cmd.append("--tta")
+        rec = run(cmd)
+        entry["commands"].append(rec)
+        entry["predict_s"] = rec.get("wall_s")
+        if rec.get("error"):
+            entry["error"] = f"predict failed: {rec['error']}"
+            return False
+        if not args.dry_run:
+            _write(pred / "predict_time.json", json.dumps({"wall_s": rec.get("wall_s")}) + "\n")
+    if entry.get("predict_s") is None and (pred / "predict_time.json").is_file():
+        entry["predict_s"] = json.loads((pred / "predict_time.json").read_text()).get("wall_s")
+    entry["scores"] = {}
+    scorings = [(part, part, ()) for part in spec.parts] + list(spec.extra)
+    for label, part, extra_flags in scorings:
+        metrics_path = out_run / f"metrics-{label}{'-tta' if args.tta else ''}.json"
+        rec = run(["evaluate", "--pred", str(pred), "--data", str(data), "--split", part,
+                   "--out", str(metrics_path), *spec.eval_flags, *extra_flags, "--no-progress"])
+        entry["commands"].append(rec)
+        if rec.get("error"):
+            ok = False
+            entry["scores"][label] = {"error": rec["error"]}
+        elif not args.dry_run:
+            full = json.loads(metrics_path.read_text())
+            entry["scores"][label] = headline(full)
+    return ok
 
 
 def _train_seconds(run: Path) -> float | None:

@@ -68,3 +68,17 @@ def test_tiny_real_run_and_reuse(synth_root, tmp_path):
     assert "# reusing the predictions" in proc.stdout
     assert entry2["scores"]["test"]["dice"] == scores["dice"]
     assert entry2["predict_s"] == entry["predict_s"]
+
+
+def test_snapshot_rows_are_scored(synth_root, tmp_path):
+    proc = _run("--datasets", "synth", "--dataset-dir", f"synth={synth_root}", "--methods", "unet", "--preset",
+                "tiny", "--steps", "3", "--device", "cpu", "--runs", str(tmp_path / "runs"),
+                "--snapshot-minutes", "1e-07", "1e9", "--out", str(tmp_path / "res.json"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    full, point = json.loads((tmp_path / "res.json").read_text())["results"]
+    assert point["snapshot_minutes"] == 1e-07 and point["steps"] == 1 and full.get("snapshot_minutes") is None
+    assert point["run"].endswith("snapshots/1e-07min")
+    assert [c["command"].split()[1] for c in point["commands"]] == ["predict", "evaluate"]
+    assert 0.0 <= point["scores"]["test"]["dice"] <= 1.0
+    assert "no snapshot at 1e+09 min" in proc.stdout
+    assert "unet @ 1e-07 min (1 steps)" in (tmp_path / "res.md").read_text()

@@ -119,6 +119,29 @@ def test_max_minutes_stops_stage_cleanly(synth_root, tmp_path):
     assert state["stage_index"] == 1
 
 
+def test_snapshot_equals_the_shorter_run(synth_root, tmp_path):
+    train, val = _data(synth_root)
+    short = fit(_method(), train, val, tmp_path / "short", progress=False, max_minutes=1e-7)
+    assert short.steps_run == 1
+    fit(_method(), train, val, tmp_path / "long", progress=False, snapshot_minutes=[1e-7, 1e9])
+    snaps = sorted(p.name for p in (tmp_path / "long" / "snapshots").iterdir())
+    assert snaps == ["1e-07min"]  # the 1e9-minute point is never reached
+    info = json.loads((tmp_path / "long" / "snapshots" / "1e-07min" / "snapshot.json").read_text())
+    assert info["step"] == 1 and info["best_step"] == 1
+    a = load_weights(tmp_path / "short" / "model.safetensors")
+    b = load_weights(tmp_path / "long" / "snapshots" / "1e-07min" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_snapshot_minutes_must_be_positive(synth_root, tmp_path):
+    from ldiffusion.core.errors import ConfigError
+
+    train, val = _data(synth_root)
+    with pytest.raises(ConfigError, match="snapshot"):
+        fit(_method(), train, val, tmp_path / "run", progress=False, snapshot_minutes=[0.0])
+    assert not (tmp_path / "run").exists()
+
+
 def test_unannotated_images_skipped_by_segmenter_stage(synth_root, tmp_path):
     from ldiffusion.train.loop import _annotated_indices
 

@@ -30,7 +30,8 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
                  config_file: Path | None = None, overrides: list[str] | None = None, resume: bool = False,
                  device: str = "auto", seed: int = 0, max_minutes: float | None = None,
                  annotated_fraction: float = 1.0, autoencoder: Path | None = None,
-                 progress: bool = True, overwrite: bool = False) -> Any:
+                 progress: bool = True, overwrite: bool = False,
+                 snapshot_minutes: list[float] | None = None) -> Any:
     """Build the data sets and the method, then run `train.loop.fit`; return its `FitResult`.
 
     Everything is checked before the run folder is touched: the folder (`overwrite` starts over in
@@ -104,7 +105,7 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
     method.extra_info = {"data": data_info, "palette": palette}
     return fit(method, train_ds, val_ds, out, device=dev, generator_seed=cfg.seed, resume=resume,
                progress=progress, run_info={"data": data_info}, overwrite=overwrite,
-               data_fingerprint=fingerprint)
+               data_fingerprint=fingerprint, snapshot_minutes=snapshot_minutes or ())
 
 
 def distributed_device(device: str, environ: Mapping[str, str]) -> tuple[str, int, int]:
@@ -157,6 +158,10 @@ def register(app: typer.Typer) -> None:
             1.0, "--annotated-fraction", help="Share of training images that keep their labels."
         ),
         autoencoder: Path = typer.Option(None, "--autoencoder", help="Run folder of a trained autoencoder."),
+        snapshot_minutes: list[float] = typer.Option(
+            None, "--snapshot-minutes", help="Learning-curve point (repeatable): when the last stage has "
+            "trained M minutes, keep the weights a --max-minutes M run would keep in OUT/snapshots/<M>min/."
+        ),
         no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     ) -> None:
         """Train METHOD on DATA; the weights chosen on the validation split go to OUT/model.safetensors.
@@ -177,7 +182,7 @@ def register(app: typer.Typer) -> None:
                                   overrides=list(set_ or []), resume=resume, device=device, seed=seed,
                                   max_minutes=max_minutes, annotated_fraction=annotated_fraction,
                                   autoencoder=autoencoder, progress=not no_progress and is_main,
-                                  overwrite=overwrite)
+                                  overwrite=overwrite, snapshot_minutes=list(snapshot_minutes or []))
         finally:
             if world_size > 1:
                 from ldiffusion.train.distributed import destroy_distributed

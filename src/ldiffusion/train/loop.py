@@ -37,9 +37,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,7 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
         progress: bool = True, max_minutes: float | None = None, max_steps: int | None = None,
         callback: Callable[[dict[str, Any]], None] | None = None,
         run_info: dict[str, Any] | None = None, overwrite: bool = False,
-        data_fingerprint: str | None = None) -> FitResult:
+        data_fingerprint: str | None = None, snapshot_minutes: Sequence[float] = ()) -> FitResult:
     """Train `method` through all its stages and write the run folder `out_dir`.
 
     Args:
@@ -157,6 +158,11 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
             without it such a folder is refused unless `resume`.
         data_fingerprint: identity of the training data (`train.preflight.scan_training_data`),
             stored in the state; a resume with another one is refused.
+        snapshot_minutes: learning-curve points of the last stage: when its wall clock first passes
+            M minutes, the run validates and copies the weights a run with `max_minutes=M` would
+            keep (the best on validation so far) to `out_dir/snapshots/<M>min/` (a run folder of its
+            own, with `snapshot.json`). The learning rate does not depend on the budget, so the
+            snapshot is that shorter run, up to wall-clock noise.
 
     Returns:
         A `FitResult` (under torch.distributed: the same on every rank; only rank 0 writes files).
@@ -169,6 +175,7 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    _check_snapshot_minutes(snapshot_minutes)
     device = torch.device(device)
     w = ddp.world()
     out = Path(out_dir)
@@ -301,6 +308,7 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                        disable=not progress or not w.is_main, leave=False, dynamic_ncols=True)
             validated_at = -1
             in_update = False
+            pending = _pending_snapshots(out, snapshot_minutes, budget_min, resume) if si == len(stages) - 1 else []
             try:
                 while st.step < total:
                     st.epoch = st.step // per_epoch
@@ -350,6 +358,11 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                         if stage.val_every and st.step % stage.val_every == 0 and st.step < total:
                             validate()
                             validated_at = st.step
+                        while pending and st.elapsed_s > pending[0] * 60 and w.is_main:
+                            if validated_at != st.step:
+                                validate()
+                                validated_at = st.step
+                            _write_snapshot(method, out, pending.pop(0), st, stage.selects_on_val)
                         over_budget = budget_min is not None and st.elapsed_s > budget_min * 60
                         over_budget = ddp.any_rank(over_budget, device) if budget_min is not None else False
                         if st.step % cfg.ckpt_every == 0 or over_budget:
@@ -452,6 +465,44 @@ def apply_losses(losses: dict[str, torch.Tensor], specs: dict[str, Any],
         opts[name].step()
         for p in params:
             p.grad = None
+
+
+def _snapshot_dir(out: Path, minutes: float) -> Path:
+    return out / "snapshots" / f"{minutes:g}min"
+
+
+def _check_snapshot_minutes(minutes: Sequence[float]) -> None:
+    for m in minutes:
+        if not 0 < m < float("inf"):  # also rejects nan
+            raise ConfigError(f"--snapshot-minutes {m!r}: expected a positive number of minutes")
+
+
+def _pending_snapshots(out: Path, minutes: Sequence[float], budget_min: float | None,
+                       resume: bool) -> list[float]:
+    """Snapshot times (minutes, ascending) inside the stage's budget and, on resume, not yet written."""
+    return sorted(m for m in set(minutes) if (budget_min is None or m < budget_min)
+                  and not (resume and (_snapshot_dir(out, m) / "snapshot.json").is_file()))
+
+
+def _write_snapshot(method: Any, out: Path, minutes: float, st: TrainState, selects_on_val: bool) -> None:
+    """Copy the weights a `minutes`-long run keeps into `out/snapshots/<minutes>min/` (atomically)."""
+    dest = _snapshot_dir(out, minutes)
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # a partial snapshot of this run, interrupted
+    tmp.mkdir(parents=True)
+    if selects_on_val and (out / "model.safetensors").is_file():
+        for name in ("model.safetensors", "config.json"):
+            shutil.copy2(out / name, tmp / name)
+    else:
+        method.save(tmp)
+    write_json(tmp / "snapshot.json", {"minutes": minutes, "step": st.step, "elapsed_s": round(st.elapsed_s, 3),
+                                       "best_step": st.best_step, "best_score": st.best_score,
+                                       "stage": st.stage_name})
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    logger.info("snapshot at %.1f min (step %d) -> %s", st.elapsed_s / 60, st.step, dest)
 
 
 def iterate_batches(ds: Dataset, batch_size: int) -> Iterator[dict[str, Any]]:

@@ -201,6 +201,24 @@ def test_reuses_trained_autoencoder_run(tmp_path):
     assert all(torch.equal(a, b) for a, b in pairs)
 
 
+def test_pretrained_autoencoder_gets_class_gammas_before_the_diffusion_stage(tmp_path):
+    from ldiffusion.diffusion.schedules import gammas_from_frequencies
+
+    ae = create_method("autoencoder", preset="tiny", num_classes=K)
+    ae.ae.scaling_factor = 2.5
+    ae.save(tmp_path / "ae")
+    m = _method(autoencoder=str(tmp_path / "ae"), component_schedule="per_class")
+    before = m.component_gammas.clone()
+    b = _batch(2)  # pixel counts: background most frequent, then class 1, class 2; 3 and 4 absent
+    m.on_stage_start("diffusion", [b])
+    counts = torch.bincount(b["label"][b["label"] < K].flatten(), minlength=K).double()
+    expected = torch.tensor(gammas_from_frequencies(counts.tolist()), dtype=torch.float64)
+    assert torch.equal(m.component_gammas, expected) and not torch.equal(before, expected)
+    assert m.ae.scaling_factor == pytest.approx(2.5)  # the pretrained autoencoder keeps its scale
+    m.on_stage_start("segmenter", [_batch(2, seed=1)])  # other stages leave γ alone
+    assert torch.equal(m.component_gammas, expected)
+
+
 def test_feature_cache(tmp_path):
     m = _method(feature_cache=str(tmp_path / "cache"))
     b = _batch(2)

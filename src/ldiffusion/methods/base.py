@@ -220,6 +220,9 @@ class Trainable(nn.Module, ABC):
                          stage: str) -> float:
         """Return the validation score of the current weights (higher is better)."""
 
+    def on_stage_start(self, stage: str, train_batches: Iterable[dict[str, Any]]) -> None:
+        """Hook run once before a stage's first step (not again when a run resumes inside it)."""
+
     def on_stage_end(self, stage: str, train_batches: Iterable[dict[str, Any]]) -> None:
         """Hook run once after a stage ends (after the best weights are restored)."""
 

@@ -462,8 +462,21 @@ class LDiffusionMethod(LDiffusionInference, Segmenter):
             n = self.calibrate_feature_norms(train_batches, cfg.norm_calibration_batches)
             logger.info("feature_norm=fixed: GroupNorm statistics calibrated on %d training crops", n)
             return
-        if stage != "autoencoder":
-            return
+        if stage == "autoencoder":
+            self._set_data_statistics(train_batches, latent_scale=True)
+
+    def on_stage_start(self, stage: str, train_batches: Iterable[dict[str, Any]]) -> None:
+        """Before the diffusion stage with a pretrained autoencoder (no stage 0): set the per-class γ_n
+        from the label frequencies, as stage 0's end does otherwise (the autoencoder keeps its scale).
+        """
+        if stage == "diffusion" and self.ae_pretrained:
+            self._set_data_statistics(train_batches, latent_scale=False)
+
+    def _set_data_statistics(self, train_batches: Iterable[dict[str, Any]], latent_scale: bool) -> None:
+        """Set γ_n from the training label frequencies (unless `component_gamma` is given) and, with
+        `latent_scale`, the autoencoder's scaling factor s = 1 / std of the training latents (32 batches).
+        """
+        cfg = self.cfg
         assert isinstance(cfg, LDiffusionConfig)
         zs, counts = [], torch.zeros(self.num_classes, dtype=torch.float64)
         with torch.no_grad():
@@ -471,7 +484,7 @@ class LDiffusionMethod(LDiffusionInference, Segmenter):
                 lab = batch["label"].flatten().cpu()
                 lab = lab[lab < self.num_classes]
                 counts += torch.bincount(lab, minlength=self.num_classes).double()
-                if i < 32:
+                if latent_scale and i < 32:
                     zs.append(
                         self.ae.encode(self.preprocess(batch["image"].to(self.device)) * 2 - 1).mean.flatten()
                     )

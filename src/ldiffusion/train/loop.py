@@ -302,6 +302,10 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                 logger.info("%s step %d: %s %.4f%s", stage.name, st.step, method.score_name, score,
                             " (best)" if improved else "")
 
+            if st.step == 0:
+                method.eval()
+                method.on_stage_start(stage.name, _hook_batches(train_ds, indices, bs, device))
+                ddp.broadcast_module(method)
             method.train()
             t_stage = time.monotonic() - st.elapsed_s
             bar = tqdm(total=total, initial=st.step, desc=f"{method.name}:{stage.name}", file=sys.stderr,
@@ -404,9 +408,7 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
             ddp.broadcast_module(method)  # rank 0 selected (and restored) the weights
             st.best_score, st.best_step = ddp.broadcast_object((st.best_score, st.best_step))
             method.eval()
-            hook_loader = DataLoader(train_ds, num_workers=0,
-                                     batch_sampler=[indices[i:i + bs] for i in range(0, len(indices), bs)])
-            method.on_stage_end(stage.name, (_to_device(b, device) for b in hook_loader))
+            method.on_stage_end(stage.name, _hook_batches(train_ds, indices, bs, device))
             ddp.broadcast_module(method)
             method.train()
             if w.is_main:
@@ -465,6 +467,12 @@ def apply_losses(losses: dict[str, torch.Tensor], specs: dict[str, Any],
         opts[name].step()
         for p in params:
             p.grad = None
+
+
+def _hook_batches(ds: Dataset, indices: list[int], bs: int, device: torch.device) -> Iterator[dict[str, Any]]:
+    """The training images in order, batches of `bs`, for the stage hooks."""
+    loader = DataLoader(ds, num_workers=0, batch_sampler=[indices[i:i + bs] for i in range(0, len(indices), bs)])
+    return (_to_device(b, device) for b in loader)
 
 
 def _snapshot_dir(out: Path, minutes: float) -> Path:

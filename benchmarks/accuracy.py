@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "tta": args.tta,
         "overrides": args.overrides,
         "budget": ", ".join(budget) or "the preset's step counts",
+        "max_minutes": args.max_minutes,
         "ldiffusion": ldiffusion.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -1,4 +1,4 @@
-"""benchmarks/label_oracle.py: the block-majority reduction and its score."""
+"""benchmarks/label_oracle.py and plot_curves.py: the block-majority reduction, its score, the curve points."""
 
 from __future__ import annotations
 
@@ -26,3 +26,18 @@ def test_stride_one_is_exact_and_coarser_is_worse(synth_root):
     exact = label_oracle.oracle(synth_root, "val", 1, None)
     coarse = label_oracle.oracle(synth_root, "val", 16, None)
     assert exact["dice"] == 1.0 and coarse["dice"] < 1.0
+
+
+def test_plot_curves_points(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "plot_curves", Path(__file__).resolve().parents[2] / "benchmarks" / "plot_curves.py")
+    plot_curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_curves)
+    import json
+
+    res = {"command": "python benchmarks/accuracy.py --max-minutes 30 --tag curve", "results": [
+        {"method": "unet", "tag": "curve", "scores": {"test": {"dice": 0.5}}},
+        {"method": "unet", "tag": "curve", "snapshot_minutes": 10, "scores": {"test": {"dice": 0.25}}},
+        {"method": "cdal", "tag": "b6-curve", "scores": {"test": {"dice": None}}}]}
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    assert plot_curves.points([tmp_path / "r.json"], "test", "dice") == {"unet": [(10.0, 25.0), (30.0, 50.0)]}

@@ -1,0 +1,84 @@
+"""Learning curves: test scores against training minutes, from `benchmarks/accuracy.py` result files.
+
+Each result row is one point: a snapshot row (`--snapshot-minutes`) at its snapshot time, a full row
+at the run's `--max-minutes` budget. One line per method (and tag), one panel per metric, one figure
+per call (use one data set per figure).
+
+Example:
+    python benchmarks/plot_curves.py benchmarks/results/2026-12-05-consep-*-curve.json \\
+        --split test --metrics dice --title "CoNSeP test" --out docs/img/curve_consep.svg
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+LABELS = {"dice": "Dice %", "miou": "mIoU %", "aji": "AJI %", "pq": "PQ %", "obj_f1": "object F1 %",
+          "obj_dice": "object Dice %"}
+
+
+def _budget_minutes(res: dict[str, Any], entry: dict[str, Any]) -> float | None:
+    if entry.get("snapshot_minutes") is not None:
+        return float(entry["snapshot_minutes"])
+    if res.get("max_minutes") is not None:
+        return float(res["max_minutes"])
+    found = re.search(r"--max-minutes (\S+)", res.get("command", ""))
+    return float(found.group(1)) if found else None
+
+
+def points(files: list[Path], split: str, metric: str) -> dict[str, list[tuple[float, float]]]:
+    """Return {line label: [(minutes, score %), ...] sorted by minutes} over the result files."""
+    lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for f in files:
+        res = json.loads(f.read_text())
+        for e in res.get("results", []):
+            score = e.get("scores", {}).get(split, {}).get(metric)
+            minutes = _budget_minutes(res, e)
+            if score is None or minutes is None:
+                continue
+            tag = re.sub(r"-?curve$", "", e.get("tag") or "")
+            label = e["method"] + (f" ({tag})" if tag else "")
+            lines[label].append((minutes, 100.0 * score))
+    return {k: sorted(v) for k, v in sorted(lines.items())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", type=Path, nargs="+", help="accuracy.py result JSON files")
+    p.add_argument("--split", default="test", help="scored split or part (test, testA, ...)")
+    p.add_argument("--metrics", nargs="+", default=["dice"], choices=sorted(LABELS), help="one panel each")
+    p.add_argument("--title", default="", help="figure title")
+    p.add_argument("--out", type=Path, required=True, help="image file (.svg or .png)")
+    args = p.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.metrics), figsize=(4.2 * len(args.metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], args.metrics, strict=True):
+        for label, pts in points(args.files, args.split, metric).items():
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o", label=label)
+            print(f"{metric} {label}: " + ", ".join(f"{x:g} min {y:.1f}" for x, y in pts))
+        ax.set_xlabel("training minutes (one thread)")
+        ax.set_ylabel(LABELS[metric])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if args.title:
+        fig.suptitle(args.title)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, metadata={"Date": None} if args.out.suffix == ".svg" else None)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -92,3 +92,24 @@ def test_dataloader_batches(synth_root: Path) -> None:
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     assert batch["image"].shape == (4, 3, 32, 32) and batch["label"].shape == (4, 32, 32)
     assert len(batch["id"]) == 4 and batch["annotated"].dtype == torch.bool
+
+
+def test_contour_fallback_splits_touching_objects_of_images_without_instances(synth_root: Path,
+                                                                              tmp_path: Path) -> None:
+    from ldiffusion.data.format import write_png
+
+    root = tmp_path / "ds"
+    shutil.copytree(synth_root, root)
+    case = SegmentationDataset(root, "train").ids[0]
+    yy, xx = np.mgrid[:64, :64]
+    two = ((yy - 32) ** 2 + (xx - 20) ** 2 <= 100) | ((yy - 32) ** 2 + (xx - 38) ** 2 <= 100)  # touching discs
+    write_png(root / "labels" / f"{case}.png", two.astype(np.uint8))
+    for p in (root / "instances").glob(f"{case}.*"):
+        p.unlink()
+    k = SegmentationDataset(root, "train").info.num_classes
+    merged = SegmentationDataset(root, "train", contour_px=2)[0]["label"].numpy()
+    split = SegmentationDataset(root, "train", contour_px=2, contour_split_distance=5)[0]["label"].numpy()
+    neck = (slice(31, 34), slice(28, 31))  # where the two discs meet, over 2 px from the outline
+    assert (merged[neck][two[neck]] == 1).all()  # components: no boundary between the discs
+    assert (split[neck] == k).any()  # watershed: a boundary band where they touch
+    assert np.array_equal(split > 0, two) and np.array_equal(merged > 0, two)

@@ -91,9 +91,11 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
     transform = TrainTransform(crop_px=cfg.crop_px, flips=cfg.flips, rot90=cfg.rot90,
                                color_jitter=cfg.color_jitter, stain_jitter=cfg.stain_jitter,
                                stain_bias=cfg.stain_bias)
+    split_distance = cfg.contour_fallback_distance if cfg.contour_fallback == "watershed" else None
     train_ds = SegmentationDataset(data, "train", transform=transform, seed=cfg.seed, annotated_ids=annotated,
-                                   contour_px=contour_px)
-    val_ds = SegmentationDataset(data, "val", contour_px=contour_px) if has_val else None
+                                   contour_px=contour_px, contour_split_distance=split_distance)
+    val_ds = (SegmentationDataset(data, "val", contour_px=contour_px, contour_split_distance=split_distance)
+              if has_val else None)
     data_info = {
         "name": info.name,
         "root": str(data),

@@ -86,8 +86,10 @@ class SegmentationDataset(Dataset):
         cache: keep decoded uint8 arrays in memory after the first read.
         contour_px: when set, labels become the instance-aware 'contour' target
             (`data.targets.contour_target`): the outer `contour_px` pixels of every object get the
-            extra class K = `info.num_classes`. Instance maps come from `instances/`; a data set
-            without them falls back (with a warning) to the connected components of each class.
+            extra class K = `info.num_classes`. Instance maps come from `instances/`; an image
+            without one falls back (with a warning) to the connected components of each class.
+        contour_split_distance: for that fallback, split each component with the distance-transform
+            watershed (markers at least this many px apart) instead; None keeps the components.
 
     Raises:
         DatasetFormatError: bad `dataset.json`, unknown split, an id of the split without an image
@@ -104,6 +106,7 @@ class SegmentationDataset(Dataset):
         with_instances: bool = False,
         cache: bool = True,
         contour_px: int | None = None,
+        contour_split_distance: int | None = None,
     ) -> None:
         self.root = Path(root)
         self._info = read_dataset_info(self.root)
@@ -123,13 +126,15 @@ class SegmentationDataset(Dataset):
         self.with_instances = with_instances
         self.cache = cache
         self.contour_px = contour_px
+        self.contour_split_distance = contour_split_distance
         if contour_px is not None:
             missing = [i for i in self._ids if sample_path(self.root, "instances", i) is None]
             if missing:
+                how = ("connected components only (touching objects stay merged)" if contour_split_distance is None
+                       else f"components split by a watershed (markers >= {contour_split_distance} px apart)")
                 logger.warning("%d of %d images of split %r of %s have no instance map (e.g. %s): their "
-                               "contour target separates connected components only (touching objects stay "
-                               "merged)",
-                               len(missing), len(self._ids), split, self.root, missing[0])
+                               "contour target separates %s", len(missing), len(self._ids), split, self.root,
+                               missing[0], how)
         self.epoch = 0
         self._cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
         if self.annotated_ids is not None and not self.annotated_ids & set(self._ids):
@@ -230,6 +235,11 @@ class SegmentationDataset(Dataset):
         from ldiffusion.data.targets import components_per_class, contour_target
 
         assert self.contour_px is not None
-        if inst is None:
+        if inst is None and self.contour_split_distance is not None:
+            from ldiffusion.eval.postprocess import instances_from_semantic
+
+            inst = instances_from_semantic(label, watershed=True, min_size=0, ignore_index=IGNORE,
+                                           min_distance=self.contour_split_distance)
+        elif inst is None:
             inst = components_per_class(label, ignore_index=IGNORE)
         return contour_target(label, inst, self.contour_px, self._info.num_classes, ignore_index=IGNORE)

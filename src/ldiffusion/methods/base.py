@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16"]
 Target = Literal["semantic", "contour"]
+ContourFallback = Literal["components", "watershed"]
 
 #: Stain and colour augmentation of the `small` and `paper` presets of every method (off in `tiny`):
 #: H&E density scale 1 +- 0.3 and shift +- 0.03 (about the mean haematoxylin density of MoNuSeg
@@ -76,6 +77,11 @@ class MethodConfig(Config):
             are separated by a predicted boundary (`data.targets`); predictions then carry instance
             maps built by marker-controlled watershed from the object interiors.
         boundary_px: width of the boundary band of `target="contour"`, in pixels.
+        contour_fallback: where a training image has no instance map (MoNuSeg: 17 of 30 in the public
+            copy), the objects of its contour target are the "components" of each class (touching
+            objects merge: no boundary between them is taught) or a "watershed" split of them (the
+            distance-transform watershed of `evaluate --watershed`, markers at least
+            `contour_fallback_distance` px apart): an estimate of the boundaries the outlines would give.
         num_workers: DataLoader workers (0 = in-process).
     """
 
@@ -100,6 +106,8 @@ class MethodConfig(Config):
     stain_bias: float = 0.0
     target: Target = "semantic"
     boundary_px: int = 2
+    contour_fallback: ContourFallback = "components"
+    contour_fallback_distance: int = 9
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -118,6 +126,7 @@ class MethodConfig(Config):
         check_range("stain_jitter", self.stain_jitter, 0.0, 0.99)
         check_range("stain_bias", self.stain_bias, 0.0, 1.0)
         check_range("boundary_px", self.boundary_px, 1, 64)
+        check_range("contour_fallback_distance", self.contour_fallback_distance, 1, 256)
         if self.max_minutes is not None:
             check_range("max_minutes", self.max_minutes, 0.0, lo_open=True)
         if self.grad_clip is not None:

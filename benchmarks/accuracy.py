@@ -127,6 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reuse-runs", action="store_true",
                    help="score finished run folders without training again (unfinished ones are resumed)")
     p.add_argument("--resume", action="store_true", help="continue interrupted runs (train --resume)")
+    p.add_argument("--predict-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="inference-time config change for predict (`predict --set`, repeatable), e.g. "
+                        "min_object_px=1000 chosen with benchmarks/choose_min_object.py; predictions and "
+                        "scores then go to pred-test-<key>-<value> and metrics-<split>-<key>-<value>.json")
     p.add_argument("--snapshot-minutes", type=float, nargs="+", default=[],
                    help="learning-curve points: train --snapshot-minutes M, then score each snapshot as a "
                         "row of its own (the weights a --max-minutes M run keeps)")
@@ -251,6 +255,8 @@ def markdown(res: dict[str, Any]) -> str:
              *([f"- config overrides (`--set`): {', '.join(f'`{o}`' for o in res['overrides'])}"]
                if res.get("overrides") else []),
              *([f"- {res['threads']} thread(s) per command"] if res.get("threads") else []),
+             *([f"- predict `--set`: {', '.join(f'`{o}`' for o in res['predict_set'])}"]
+               if res.get("predict_set") else []),
              f"- command: `{res['command']}`",
              "- weights selected on the validation split; test split scored once with `ldiffusion evaluate`",
              ""]
@@ -339,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "annotated_fraction": args.annotated_fraction,
         "threads": args.threads,
         "tta": args.tta,
+        "predict_set": args.predict_set,
         "overrides": args.overrides,
         "budget": ", ".join(budget) or "the preset's step counts",
         "max_minutes": args.max_minutes,
@@ -433,7 +440,8 @@ def score_run(run: Any, args: argparse.Namespace, spec: DatasetSpec, data: Path,
               entry: dict[str, Any]) -> bool:
     """Predict the test split with the run folder `out_run` and score it into `entry`; False on a failure."""
     ok = True
-    pred = out_run / ("pred-test-tta" if args.tta else "pred-test")
+    suffix = ("-tta" if args.tta else "") + "".join("-" + kv.replace("=", "-") for kv in args.predict_set)
+    pred = out_run / f"pred-test{suffix}"
     if args.reuse_runs and _predicted(pred, data):
         print(f"# reusing the predictions in {pred} (--reuse-runs)", flush=True)
     else:
@@ -443,6 +451,8 @@ def score_run(run: Any, args: argparse.Namespace, spec: DatasetSpec, data: Path,
             cmd += ["--batch-size", str(args.batch_size)]
         if args.tta:
             cmd.append("--tta")
+        for kv in args.predict_set:
+            cmd += ["--set", kv]
         rec = run(cmd)
         entry["commands"].append(rec)
         entry["predict_s"] = rec.get("wall_s")
@@ -456,7 +466,7 @@ def score_run(run: Any, args: argparse.Namespace, spec: DatasetSpec, data: Path,
     entry["scores"] = {}
     scorings = [(part, part, ()) for part in spec.parts] + list(spec.extra)
     for label, part, extra_flags in scorings:
-        metrics_path = out_run / f"metrics-{label}{'-tta' if args.tta else ''}.json"
+        metrics_path = out_run / f"metrics-{label}{suffix}.json"
         rec = run(["evaluate", "--pred", str(pred), "--data", str(data), "--split", part,
                    "--out", str(metrics_path), *spec.eval_flags, *extra_flags, "--no-progress"])
         entry["commands"].append(rec)

@@ -41,3 +41,17 @@ def test_plot_curves_points(tmp_path):
         {"method": "cdal", "tag": "b6-curve", "scores": {"test": {"dice": None}}}]}
     (tmp_path / "r.json").write_text(json.dumps(res))
     assert plot_curves.points([tmp_path / "r.json"], "test", "dice") == {"unet": [(10.0, 25.0), (30.0, 50.0)]}
+
+
+def test_choose_min_object_picks_the_smallest_size_near_the_best():
+    spec = importlib.util.spec_from_file_location(
+        "choose_min_object", Path(__file__).resolve().parents[2] / "benchmarks" / "choose_min_object.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.choose({10: 0.2, 500: 0.41, 1000: 0.415, 4000: 0.424}, 0.01) == 1000
+    assert mod.choose({10: 0.2, 500: 0.41}, 0.0) == 500
+    truth = np.zeros((40, 40), np.int64)
+    truth[5:25, 5:25] = 1
+    pred = truth.copy()
+    pred[30:32, 30:32] = 2  # a 4 px fragment
+    assert mod.score("obj_f1", truth, pred) < 1.0 and mod.score("obj_f1", truth, truth) == 1.0

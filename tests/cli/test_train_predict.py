@@ -87,6 +87,11 @@ def test_contour_target_end_to_end(synth_root, tmp_path):
     mask = read_mask(pred / f"{first}.png")
     assert mask.max() < k  # the data set's classes: the boundary is given back to the objects
     inst = read_mask(pred / f"{first}_inst.png")
-    assert inst.shape == mask.shape and np.array_equal(inst > 0, mask > 0)
+    assert inst.shape == mask.shape and np.array_equal(inst > 0, mask > 0) and inst.max() > 0
     assert main(["evaluate", "--pred", str(pred), "--data", str(synth_root), "--split", "test",
                  "--instances", "--out", str(tmp_path / "eval.json"), "--no-progress"]) == 0
+    # min_object_px (an inference-time key) drops every object smaller than the image
+    big = tmp_path / "pred-big"
+    assert main(["predict", str(run), "--data", str(synth_root), "--split", "test", "--out", str(big),
+                 "--no-progress", "--device", "cpu", "--set", "min_object_px=100000"]) == 0
+    assert read_mask(big / f"{first}_inst.png").max() == 0 and read_mask(big / f"{first}.png").max() == 0

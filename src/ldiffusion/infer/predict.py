@@ -159,8 +159,8 @@ def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequenc
     Each image uses its own generator seeded with `derive_seed(seed, id)`, so results do not depend
     on the order or on which other images are predicted. All writes are atomic. A model trained with
     `target="contour"` also writes `<id>_inst.png` (uint16 instances from `data.targets.
-    instances_from_contour`) and its `<id>.png` holds the data set's classes (boundary given back
-    to the objects). `tta` averages the 8 flips / rotations of every tile.
+    instances_from_contour`, objects under the config's `min_object_px` dropped) and its `<id>.png`
+    holds the data set's classes (boundary given back to the objects). `tta` averages the 8 flips / rotations of every tile.
 
     Refuses (InputError, nothing written) an `out_dir` that directly holds an input image or is a
     data set's folder / images / labels, an id that is not one file-name component, two ids whose
@@ -204,7 +204,8 @@ def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequenc
                                            batch_size=batch_size, generator=gen, tta=tta), None
             mask = probs.argmax(0).numpy().astype(np.uint8)
             if contour:
-                inst, mask = instances_from_contour(mask, segmenter.num_classes - 1)
+                inst, mask = instances_from_contour(mask, segmenter.num_classes - 1,
+                                                    min_size=int(segmenter.cfg.min_object_px))
                 write_png(output_path(out, f"{case_id}_inst.png"), inst.astype(np.uint16))
             write_png(output_path(out, f"{case_id}.png"), mask)
             write_png(output_path(out, f"{case_id}_overlay.png"), overlay(image, mask, palette))

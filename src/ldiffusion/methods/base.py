@@ -77,6 +77,9 @@ class MethodConfig(Config):
             are separated by a predicted boundary (`data.targets`); predictions then carry instance
             maps built by marker-controlled watershed from the object interiors.
         boundary_px: width of the boundary band of `target="contour"`, in pixels.
+        min_object_px: instances of a contour prediction smaller than this many pixels are dropped
+            (`data.targets.instances_from_contour`); an inference-time key (`predict --set`), best chosen
+            on validation predictions (`benchmarks/choose_min_object.py`).
         contour_fallback: where a training image has no instance map (MoNuSeg: 17 of 30 in the public
             copy), the objects of its contour target are the "components" of each class (touching
             objects merge: no boundary between them is taught) or a "watershed" split of them (the
@@ -106,6 +109,7 @@ class MethodConfig(Config):
     stain_bias: float = 0.0
     target: Target = "semantic"
     boundary_px: int = 2
+    min_object_px: int = 10
     contour_fallback: ContourFallback = "components"
     contour_fallback_distance: int = 9
     num_workers: int = 0
@@ -126,6 +130,7 @@ class MethodConfig(Config):
         check_range("stain_jitter", self.stain_jitter, 0.0, 0.99)
         check_range("stain_bias", self.stain_bias, 0.0, 1.0)
         check_range("boundary_px", self.boundary_px, 1, 64)
+        check_range("min_object_px", self.min_object_px, 0)
         check_range("contour_fallback_distance", self.contour_fallback_distance, 1, 256)
         if self.max_minutes is not None:
             check_range("max_minutes", self.max_minutes, 0.0, lo_open=True)

@@ -231,7 +231,10 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     sem = metrics.get("semantic", {})
     out = {"dice": sem.get("dice"), "miou": sem.get("miou"), "mpa": sem.get("mpa"), "fwiou": sem.get("fwiou"),
            "dice_per_image": metrics.get("per_image_mean", {}).get("dice"),
-           "n_images": metrics.get("n_images"), "convention": metrics.get("convention")}
+           "n_images": metrics.get("n_images"), "convention": metrics.get("convention"),
+           "per_class": {c["name"]: {"dice": c.get("dice"), "predicted_px": c.get("predicted"),
+                                     "support_px": c.get("support")}
+                         for c in sem.get("per_class", []) if c.get("scored")}}
     if "instance" in metrics:
         ins = metrics["instance"]
         out.update(aji=ins.get("aji"), pq=ins.get("pq"), dq=ins.get("dq"), sq=ins.get("sq"))

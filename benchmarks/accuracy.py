@@ -417,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
                 snap = out_run / "snapshots" / f"{minutes:g}min"
                 if not (snap / "snapshot.json").is_file():
                     if not args.dry_run:
-                        print(f"# no snapshot at {minutes:g} min in {out_run} (run shorter than that)", flush=True)
+                        print(f"# no snapshot at {minutes:g} min in {out_run} (run shorter than that)",
+                              flush=True)
                     continue
                 info = json.loads((snap / "snapshot.json").read_text())
                 point: dict[str, Any] = {"dataset": ds, "method": method, "tag": args.tag, "run": str(snap),

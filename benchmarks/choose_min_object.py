@@ -17,13 +17,13 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ldiffusion.core.io import write_json
 from ldiffusion.data.format import read_dataset_info, read_mask
 from ldiffusion.data.targets import instances_from_contour
 from ldiffusion.eval.glas import object_f1
@@ -88,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"min_object_px {s:>5}: {args.metric} {100 * v:.1f} %{'  <- chosen' if s == chosen else ''}")
     res = {"run": str(args.run), "data": str(args.data), "split": args.split, "metric": args.metric,
            "tolerance": args.tolerance, "scores": {str(k): v for k, v in scores.items()}, "chosen": chosen,
-           "command": "python benchmarks/choose_min_object.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+           "command": "python benchmarks/choose_min_object.py "
+                      + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=1) + "\n")
+        write_json(args.out, res)
     return 0
 
 

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ldiffusion.core.io import write_json
 from ldiffusion.data.format import read_dataset_info
 from ldiffusion.data.targets import contour_target, instances_from_contour
 from ldiffusion.eval.glas import object_f1
@@ -55,8 +55,7 @@ def oracle(data: Path, split: str, stride: int, contour_px: int | None) -> dict[
             inst = np.array(Image.open(data / "instances" / f"{i}.png")).astype(np.int64)
             reduced = block_majority(contour_target(label, inst, contour_px, k), stride, k + 1)
             pred_inst, pred = instances_from_contour(reduced, k)
-            f1 = object_f1(inst, pred_inst)
-            f1s.append(f1["f1"] if isinstance(f1, dict) else f1)
+            f1s.append(object_f1(inst, pred_inst)["f1"])
         else:
             pred = block_majority(label, stride, k)
         valid = label != info.ignore_index
@@ -78,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="val", help="split whose labels are reduced (default: val)")
     p.add_argument("--strides", type=int, nargs="+", default=[4, 8, 16], help="block sizes")
     p.add_argument("--contour-px", type=int, default=None,
-                   help="also build the contour target of this band width and score object F1 (needs instances/)")
+                   help="also build the contour target of this band width and score object F1 "
+                        "(needs instances/)")
     p.add_argument("--out", type=Path, default=None, help="JSON output (printed either way)")
     args = p.parse_args(argv)
     rows = [oracle(args.data, args.split, s, args.contour_px) for s in args.strides]
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stride {r['stride']:>2}: foreground Dice {100 * r['dice']:.1f} %{extra}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=1) + "\n")
+        write_json(args.out, res)
     return 0
 
 

@@ -71,8 +71,8 @@ def test_tiny_real_run_and_reuse(synth_root, tmp_path):
 
 
 def test_snapshot_rows_are_scored(synth_root, tmp_path):
-    proc = _run("--datasets", "synth", "--dataset-dir", f"synth={synth_root}", "--methods", "unet", "--preset",
-                "tiny", "--steps", "3", "--device", "cpu", "--runs", str(tmp_path / "runs"),
+    proc = _run("--datasets", "synth", "--dataset-dir", f"synth={synth_root}", "--methods", "unet",
+                "--preset", "tiny", "--steps", "3", "--device", "cpu", "--runs", str(tmp_path / "runs"),
                 "--snapshot-minutes", "1e-07", "1e9", "--out", str(tmp_path / "res.json"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     full, point = json.loads((tmp_path / "res.json").read_text())["results"]

@@ -1,4 +1,4 @@
-"""benchmarks/label_oracle.py and plot_curves.py: the block-majority reduction, its score, the curve points."""
+"""benchmarks/label_oracle.py, plot_curves.py, choose_min_object.py: block majority, curve points, choice."""
 
 from __future__ import annotations
 

@@ -73,8 +73,9 @@ def test_contour_target_end_to_end(synth_root, tmp_path):
 
     assert (synth_root / "instances").is_dir()
     run = tmp_path / "run"
-    assert main(["train", "--method", "unet", "--data", str(synth_root), "--out", str(run), "--preset", "tiny",
-                 "--set", "steps=3", "--set", "val_every=3", "--set", "target=contour", "--no-progress",
+    assert main(["train", "--method", "unet", "--data", str(synth_root), "--out", str(run),
+                 "--preset", "tiny", "--set", "steps=3", "--set", "val_every=3", "--set", "target=contour",
+                 "--no-progress",
                  "--device", "cpu"]) == 0
     k = len(json.loads((synth_root / "dataset.json").read_text())["classes"])
     cfg = json.loads((run / "config.json").read_text())

@@ -102,7 +102,8 @@ def test_contour_fallback_splits_touching_objects_of_images_without_instances(sy
     shutil.copytree(synth_root, root)
     case = SegmentationDataset(root, "train").ids[0]
     yy, xx = np.mgrid[:64, :64]
-    two = ((yy - 32) ** 2 + (xx - 20) ** 2 <= 100) | ((yy - 32) ** 2 + (xx - 38) ** 2 <= 100)  # touching discs
+    # two touching discs
+    two = ((yy - 32) ** 2 + (xx - 20) ** 2 <= 100) | ((yy - 32) ** 2 + (xx - 38) ** 2 <= 100)
     write_png(root / "labels" / f"{case}.png", two.astype(np.uint8))
     for p in (root / "instances").glob(f"{case}.*"):
         p.unlink()

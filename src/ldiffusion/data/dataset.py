@@ -130,7 +130,8 @@ class SegmentationDataset(Dataset):
         if contour_px is not None:
             missing = [i for i in self._ids if sample_path(self.root, "instances", i) is None]
             if missing:
-                how = ("connected components only (touching objects stay merged)" if contour_split_distance is None
+                how = ("connected components only (touching objects stay merged)"
+                       if contour_split_distance is None
                        else f"components split by a watershed (markers >= {contour_split_distance} px apart)")
                 logger.warning("%d of %d images of split %r of %s have no instance map (e.g. %s): their "
                                "contour target separates %s", len(missing), len(self._ids), split, self.root,

@@ -160,7 +160,8 @@ def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequenc
     on the order or on which other images are predicted. All writes are atomic. A model trained with
     `target="contour"` also writes `<id>_inst.png` (uint16 instances from `data.targets.
     instances_from_contour`, objects under the config's `min_object_px` dropped) and its `<id>.png`
-    holds the data set's classes (boundary given back to the objects). `tta` averages the 8 flips / rotations of every tile.
+    holds the data set's classes (boundary given back to the objects). `tta` averages the 8 flips /
+    rotations of every tile.
 
     Refuses (InputError, nothing written) an `out_dir` that directly holds an input image or is a
     data set's folder / images / labels, an id that is not one file-name component, two ids whose

@@ -312,7 +312,8 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                        disable=not progress or not w.is_main, leave=False, dynamic_ncols=True)
             validated_at = -1
             in_update = False
-            pending = _pending_snapshots(out, snapshot_minutes, budget_min, resume) if si == len(stages) - 1 else []
+            last_stage = si == len(stages) - 1
+            pending = _pending_snapshots(out, snapshot_minutes, budget_min, resume) if last_stage else []
             try:
                 while st.step < total:
                     st.epoch = st.step // per_epoch
@@ -471,7 +472,8 @@ def apply_losses(losses: dict[str, torch.Tensor], specs: dict[str, Any],
 
 def _hook_batches(ds: Dataset, indices: list[int], bs: int, device: torch.device) -> Iterator[dict[str, Any]]:
     """The training images in order, batches of `bs`, for the stage hooks."""
-    loader = DataLoader(ds, num_workers=0, batch_sampler=[indices[i:i + bs] for i in range(0, len(indices), bs)])
+    batches = [indices[i:i + bs] for i in range(0, len(indices), bs)]
+    loader = DataLoader(ds, num_workers=0, batch_sampler=batches)
     return (_to_device(b, device) for b in loader)
 
 
@@ -504,7 +506,8 @@ def _write_snapshot(method: Any, out: Path, minutes: float, st: TrainState, sele
             shutil.copy2(out / name, tmp / name)
     else:
         method.save(tmp)
-    write_json(tmp / "snapshot.json", {"minutes": minutes, "step": st.step, "elapsed_s": round(st.elapsed_s, 3),
+    write_json(tmp / "snapshot.json", {"minutes": minutes, "step": st.step,
+                                       "elapsed_s": round(st.elapsed_s, 3),
                                        "best_step": st.best_step, "best_score": st.best_score,
                                        "stage": st.stage_name})
     if dest.exists():

@@ -89,8 +89,14 @@ def init_distributed(device: torch.device, *, local_rank: int = 0, timeout_minut
 
 
 def destroy_distributed() -> None:
-    """Tear down the default process group when one exists."""
+    """Tear down the default process group when one exists.
+
+    Every rank first waits at a barrier: a rank that tears down its gloo pairs while another is
+    still busy (rank 0 writing a report, say) can make the other abort at exit with
+    "terminate called without an active exception".
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -55,3 +55,32 @@ def test_choose_min_object_picks_the_smallest_size_near_the_best():
     pred = truth.copy()
     pred[30:32, 30:32] = 2  # a 4 px fragment
     assert mod.score("obj_f1", truth, pred) < 1.0 and mod.score("obj_f1", truth, truth) == 1.0
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "benchmarks"
+                                                  / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_object_errors_marker_variants():
+    object_errors = _load_script("object_errors")
+    # two glands (interior 1) joined by a 2-px interior bridge, boundary (2) around them
+    prob = np.zeros((3, 20, 40), dtype=np.float32)
+    prob[0] = 1.0
+    for x0 in (2, 24):
+        prob[:, 2:18, x0:x0 + 14] = np.array([0, 0, 1.0])[:, None, None]
+        prob[:, 4:16, x0 + 2:x0 + 12] = np.array([0, 0.9, 0.1])[:, None, None]
+    prob[:, 9:11, 14:26] = np.array([0, 0.6, 0.4])[:, None, None]  # the bridge, less sure
+    plain = object_errors.contour_class_map(prob, None, 0)
+    assert (plain == prob.argmax(0)).all()
+    from ldiffusion.data.targets import instances_from_contour
+
+    assert instances_from_contour(plain, 2, min_size=1)[0].max() == 1  # merged through the bridge
+    thr = object_errors.contour_class_map(prob, 0.7, 0)
+    assert instances_from_contour(thr, 2, min_size=1)[0].max() == 2  # the bridge is no marker
+    eroded = object_errors.contour_class_map(prob, None, 2)
+    assert instances_from_contour(eroded, 2, min_size=1)[0].max() == 2
+    assert ((eroded != 0) == (plain != 0)).all()  # erosion keeps every object pixel

@@ -10,7 +10,8 @@ radius R px. Validation only: the test split is read once, by `ldiffusion evalua
 
 Example:
     python benchmarks/object_errors.py --run benchmarks/runs/glas/unet-small-seed0-contour-b6-curve \\
-        --data ~/.cache/ldiffusion/data/glas --min-object-px 1000 --out benchmarks/results/glas-object-errors.json
+        --data ~/.cache/ldiffusion/data/glas --min-object-px 1000 \\
+        --out benchmarks/results/glas-object-errors.json
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def contour_class_map(prob: np.ndarray, interior_threshold: float | None, erode_
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", type=Path, required=True, help="run folder with pred-val-prob/ of a contour model")
+    p.add_argument("--run", type=Path, required=True, help="contour model run folder with pred-val-prob/")
     p.add_argument("--data", type=Path, required=True, help="prepared data set (with instances/)")
     p.add_argument("--min-object-px", type=int, default=10)
     p.add_argument("--interior-threshold", type=float, default=None)

@@ -1,8 +1,10 @@
 """Learning curves: test scores against training minutes, from `benchmarks/accuracy.py` result files.
 
 Each result row is one point: a snapshot row (`--snapshot-minutes`) at its snapshot time, a full row
-at the run's `--max-minutes` budget. One line per method (and tag), one panel per metric, one figure
-per call (use one data set per figure).
+at the run's `--max-minutes` budget. `--max-minutes` caps each training stage, so a method of several
+stages (L-Diffusion: autoencoder, diffusion, segmenter) is placed at N x the budget with
+`--stages ldiffusion=3`. A tag ending in `curve` or `curve-<M>` names one line: the runs of one curve
+share it. One line per method (and tag), one panel per metric, one figure per call (one data set each).
 
 Example:
     python benchmarks/plot_curves.py benchmarks/results/2026-12-05-consep-*-curve.json \\
@@ -32,8 +34,13 @@ def _budget_minutes(res: dict[str, Any], entry: dict[str, Any]) -> float | None:
     return float(found.group(1)) if found else None
 
 
-def points(files: list[Path], split: str, metric: str) -> dict[str, list[tuple[float, float]]]:
-    """Return {line label: [(minutes, score %), ...] sorted by minutes} over the result files."""
+def points(files: list[Path], split: str, metric: str,
+           stages: dict[str, int] | None = None) -> dict[str, list[tuple[float, float]]]:
+    """Return {line label: [(minutes, score %), ...] sorted by minutes} over the result files.
+
+    `stages` maps a method to its number of budgeted stages (full rows are placed at that many times
+    the per-stage `--max-minutes`; snapshot rows, taken in the last stage, are not scaled).
+    """
     lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for f in files:
         res = json.loads(f.read_text())
@@ -42,7 +49,9 @@ def points(files: list[Path], split: str, metric: str) -> dict[str, list[tuple[f
             minutes = _budget_minutes(res, e)
             if score is None or minutes is None:
                 continue
-            tag = re.sub(r"-?curve$", "", e.get("tag") or "")
+            if e.get("snapshot_minutes") is None:
+                minutes *= (stages or {}).get(e["method"], 1)
+            tag = re.sub(r"-?curve(-[0-9.]+)?$", "", e.get("tag") or "")
             label = e["method"] + (f" ({tag})" if tag else "")
             lines[label].append((minutes, 100.0 * score))
     return {k: sorted(v) for k, v in sorted(lines.items())}
@@ -54,8 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test", help="scored split or part (test, testA, ...)")
     p.add_argument("--metrics", nargs="+", default=["dice"], choices=sorted(LABELS), help="one panel each")
     p.add_argument("--title", default="", help="figure title")
+    p.add_argument("--stages", nargs="+", default=[], metavar="METHOD=N",
+                   help="budgeted training stages of a method (e.g. ldiffusion=3): its full rows are placed "
+                        "at N x --max-minutes")
     p.add_argument("--out", type=Path, required=True, help="image file (.svg or .png)")
     args = p.parse_args(argv)
+    stages: dict[str, int] = {}
+    for item in args.stages:
+        method, _, n = item.partition("=")
+        if not n.isdigit() or int(n) < 1:
+            p.error(f"--stages {item!r}: expected METHOD=N with N a positive integer")
+        stages[method] = int(n)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fig, axes = plt.subplots(1, len(args.metrics), figsize=(4.2 * len(args.metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], args.metrics, strict=True):
-        for label, pts in points(args.files, args.split, metric).items():
+        for label, pts in points(args.files, args.split, metric, stages).items():
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="o", label=label)
             print(f"{metric} {label}: " + ", ".join(f"{x:g} min {y:.1f}" for x, y in pts))

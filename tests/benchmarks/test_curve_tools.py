@@ -41,6 +41,14 @@ def test_plot_curves_points(tmp_path):
         {"method": "cdal", "tag": "b6-curve", "scores": {"test": {"dice": None}}}]}
     (tmp_path / "r.json").write_text(json.dumps(res))
     assert plot_curves.points([tmp_path / "r.json"], "test", "dice") == {"unet": [(10.0, 25.0), (30.0, 50.0)]}
+    # a three-stage method: separate runs of one curve (tags curve-10, curve-30) at 3 x the per-stage budget
+    for name, budget, dice in (("a", 3.33, 0.2), ("b", 10, 0.3)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"max_minutes": budget, "results": [
+            {"method": "ldiffusion", "tag": f"nostain-curve-{round(3 * budget)}",
+             "scores": {"test": {"dice": dice}}}]}))
+    got = plot_curves.points([tmp_path / "a.json", tmp_path / "b.json"], "test", "dice", {"ldiffusion": 3})
+    assert list(got) == ["ldiffusion (nostain)"]
+    assert [round(m, 2) for m, _ in got["ldiffusion (nostain)"]] == [9.99, 30.0]
 
 
 def test_choose_min_object_picks_the_smallest_size_near_the_best():

@@ -7,10 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-_SPEC = importlib.util.spec_from_file_location(
-    "label_oracle", Path(__file__).resolve().parents[2] / "benchmarks" / "label_oracle.py")
-label_oracle = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(label_oracle)
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "benchmarks"
+                                                  / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+label_oracle = _load_script("label_oracle")
 
 
 def test_block_majority():
@@ -29,10 +35,7 @@ def test_stride_one_is_exact_and_coarser_is_worse(synth_root):
 
 
 def test_plot_curves_points(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "plot_curves", Path(__file__).resolve().parents[2] / "benchmarks" / "plot_curves.py")
-    plot_curves = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_curves)
+    plot_curves = _load_script("plot_curves")
     import json
 
     res = {"command": "python benchmarks/accuracy.py --max-minutes 30 --tag curve", "results": [
@@ -52,10 +55,7 @@ def test_plot_curves_points(tmp_path):
 
 
 def test_choose_min_object_picks_the_smallest_size_near_the_best():
-    spec = importlib.util.spec_from_file_location(
-        "choose_min_object", Path(__file__).resolve().parents[2] / "benchmarks" / "choose_min_object.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load_script("choose_min_object")
     assert mod.choose({10: 0.2, 500: 0.41, 1000: 0.415, 4000: 0.424}, 0.01) == 1000
     assert mod.choose({10: 0.2, 500: 0.41}, 0.0) == 500
     truth = np.zeros((40, 40), np.int64)
@@ -63,14 +63,6 @@ def test_choose_min_object_picks_the_smallest_size_near_the_best():
     pred = truth.copy()
     pred[30:32, 30:32] = 2  # a 4 px fragment
     assert mod.score("obj_f1", truth, pred) < 1.0 and mod.score("obj_f1", truth, truth) == 1.0
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "benchmarks"
-                                                  / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_object_errors_marker_variants():

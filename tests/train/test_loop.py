@@ -186,3 +186,22 @@ def test_each_stage_selects_on_its_own_score(synth_root, tmp_path):
     assert main_vals and main_vals[0]["best"] is True  # the first main validation starts a fresh best
     assert r.best_score == pytest.approx(max(x["val_dice"] for x in main_vals))
     assert r.best_score < 100.0
+
+
+def test_a_stage_budget_replaces_the_run_budget_for_that_stage_only(synth_root, tmp_path):
+    """L-Diffusion's per-stage minutes: the autoencoder stops at its own tiny budget, the diffusion stage
+    runs all its steps under no budget, and the segmenter's own generous budget overrides a tiny run budget."""
+    train = SegmentationDataset(synth_root, "train", transform=TrainTransform(crop_px=32), seed=0)
+    over = ["ae_steps=3", "diffusion_steps=3", "seg_steps=3", "val_every=0", "batch_size=2", "ae_batch_size=2",
+            "crt_resolution=32", "crop_px=32", "ae_max_minutes=1e-7", "seg_max_minutes=1e9"]
+    m = create_method("ldiffusion", preset="tiny", num_classes=5, overrides=over)
+    assert [s.max_minutes for s in m.stages()] == [1e-7, None, 1e9]
+    res = fit(m, train, None, tmp_path / "run", progress=False)
+    assert res.stopped_by_budget == ["autoencoder"]
+    ends = {r["stage"]: r["step"] for r in _records(tmp_path / "run") if r["type"] == "stage_end"}
+    assert ends == {"autoencoder": 1, "diffusion": 3, "segmenter": 3}
+    m2 = create_method("ldiffusion", preset="tiny", num_classes=5, overrides=over)
+    res2 = fit(m2, train, None, tmp_path / "run2", progress=False, max_minutes=1e-7)
+    assert res2.stopped_by_budget == ["autoencoder", "diffusion"]  # the segmenter keeps its own 1e9 min
+    ends2 = {r["stage"]: r["step"] for r in _records(tmp_path / "run2") if r["type"] == "stage_end"}
+    assert ends2 == {"autoencoder": 1, "diffusion": 1, "segmenter": 3}

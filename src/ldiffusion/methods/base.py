@@ -161,6 +161,8 @@ class Stage:
         selects_on_val: keep the best-on-validation weights of this stage (else the last ones).
         uses_unannotated: also train on images whose labels are withheld (`annotated=False`).
         val_every: validation period in steps (0 = only at the end of the stage).
+        max_minutes: wall-clock budget of this stage; None = the run's per-stage budget
+            (`fit(max_minutes=...)`, else ``cfg.max_minutes``). Set, it replaces that budget for this stage.
     """
 
     name: str
@@ -171,6 +173,7 @@ class Stage:
     selects_on_val: bool = True
     uses_unannotated: bool = False
     val_every: int = 0
+    max_minutes: float | None = None
 
 
 class Trainable(nn.Module, ABC):

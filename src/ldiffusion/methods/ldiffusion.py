@@ -243,6 +243,7 @@ class LDiffusionMethod(LDiffusionInference, Segmenter):
                     selects_on_val=True,
                     uses_unannotated=True,
                     val_every=0,
+                    max_minutes=cfg.ae_max_minutes,
                 )
             )
         out.append(
@@ -255,6 +256,7 @@ class LDiffusionMethod(LDiffusionInference, Segmenter):
                 selects_on_val=False,
                 uses_unannotated=True,
                 val_every=0,
+                max_minutes=cfg.diffusion_max_minutes,
             )
         )
         out.append(
@@ -267,6 +269,7 @@ class LDiffusionMethod(LDiffusionInference, Segmenter):
                 selects_on_val=True,
                 uses_unannotated=False,
                 val_every=cfg.val_every,
+                max_minutes=cfg.seg_max_minutes,
             )
         )
         return out

@@ -82,6 +82,9 @@ class LDiffusionConfig(MethodConfig):
         seg_head_stride: output stride of the FPN head (1, 2 or 4); None = the preset's stem stride (4 in
             small / paper, 2 in tiny). Finer strides add upsampling stages with a skip from the input stack.
         seg_steps, seg_epochs: stage 2 optimisation (lr / batch_size: the `MethodConfig` fields).
+        ae_max_minutes, diffusion_max_minutes, seg_max_minutes: wall-clock budget of each stage in minutes;
+            None = the run's per-stage budget (``--max-minutes``), which a set value replaces for that stage.
+            They split a total budget unevenly across the stages (e.g. 5 / 5 / 20 for 30 minutes).
         feature_cache: folder for cached stage-2 feature stacks (None = recompute every step).
     """
 
@@ -146,6 +149,9 @@ class LDiffusionConfig(MethodConfig):
     seg_head_stride: int | None = None
     seg_steps: int = 150
     seg_epochs: int | None = None
+    ae_max_minutes: float | None = None
+    diffusion_max_minutes: float | None = None
+    seg_max_minutes: float | None = None
     feature_cache: str | None = None
 
     def __post_init__(self) -> None:
@@ -169,6 +175,9 @@ class LDiffusionConfig(MethodConfig):
         for key in ("ae_epochs", "diffusion_epochs", "seg_epochs"):
             if getattr(self, key) is not None:
                 check_range(key, getattr(self, key), 1)
+        for key in ("ae_max_minutes", "diffusion_max_minutes", "seg_max_minutes"):
+            if getattr(self, key) is not None:
+                check_range(key, getattr(self, key), 0.0, lo_open=True)
         for key in ("ae_lr", "diffusion_lr", "crt_tau"):
             check_range(key, getattr(self, key), 0.0, lo_open=True)
         check_range("crt_weight", self.crt_weight, 0.0)

@@ -313,7 +313,8 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
             validated_at = -1
             in_update = False
             last_stage = si == len(stages) - 1
-            pending = _pending_snapshots(out, snapshot_minutes, budget_min, resume) if last_stage else []
+            stage_min = stage.max_minutes if stage.max_minutes is not None else budget_min
+            pending = _pending_snapshots(out, snapshot_minutes, stage_min, resume) if last_stage else []
             try:
                 while st.step < total:
                     st.epoch = st.step // per_epoch
@@ -368,8 +369,8 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                                 validate()
                                 validated_at = st.step
                             _write_snapshot(method, out, pending.pop(0), st, stage.selects_on_val)
-                        over_budget = budget_min is not None and st.elapsed_s > budget_min * 60
-                        over_budget = ddp.any_rank(over_budget, device) if budget_min is not None else False
+                        over_budget = stage_min is not None and st.elapsed_s > stage_min * 60
+                        over_budget = ddp.any_rank(over_budget, device) if stage_min is not None else False
                         if st.step % cfg.ckpt_every == 0 or over_budget:
                             checkpoint()
                         if callback is not None:
@@ -378,7 +379,7 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                             raise KeyboardInterrupt  # step finished: the handler below saves it
                         if over_budget:
                             logger.warning("stage %s: wall-clock budget of %.2f min spent at step %d/%d; "
-                                           "stopping the stage", stage.name, budget_min, st.step, total)
+                                           "stopping the stage", stage.name, stage_min, st.step, total)
                             budget_stops.append(stage.name)
                             total = st.step
                             break

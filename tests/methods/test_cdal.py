@@ -364,7 +364,7 @@ def test_class_balance_keys_are_validated_by_name():
     paper = CDALConfig.from_dict({**CDALMethod.presets["paper"], "preset": "paper"})
     assert paper.class_weights == "none" and paper.aux_ce == 0.0 and paper.aux_dice == 0.0
     small = CDALConfig.from_dict({**CDALMethod.presets["small"], "preset": "small"})
-    assert small.class_weights == "inverse_freq" and small.class_weight_max == 10.0 and small.aux_dice == 1.0
+    assert small.class_weights == "inverse_freq" and small.class_weight_max == 100.0 and small.aux_dice == 1.0
 
 
 def test_class_counts_accumulate_and_weights_follow_them():

@@ -190,10 +190,12 @@ def test_each_stage_selects_on_its_own_score(synth_root, tmp_path):
 
 def test_a_stage_budget_replaces_the_run_budget_for_that_stage_only(synth_root, tmp_path):
     """L-Diffusion's per-stage minutes: the autoencoder stops at its own tiny budget, the diffusion stage
-    runs all its steps under no budget, and the segmenter's own generous budget overrides a tiny run budget."""
+    runs all its steps under no budget, and the segmenter's own generous budget overrides a tiny run
+    budget."""
     train = SegmentationDataset(synth_root, "train", transform=TrainTransform(crop_px=32), seed=0)
-    over = ["ae_steps=3", "diffusion_steps=3", "seg_steps=3", "val_every=0", "batch_size=2", "ae_batch_size=2",
-            "crt_resolution=32", "crop_px=32", "ae_max_minutes=1e-7", "seg_max_minutes=1e9"]
+    over = ["ae_steps=3", "diffusion_steps=3", "seg_steps=3", "val_every=0", "batch_size=2",
+            "ae_batch_size=2", "crt_resolution=32", "crop_px=32", "ae_max_minutes=1e-7",
+            "seg_max_minutes=1e9"]
     m = create_method("ldiffusion", preset="tiny", num_classes=5, overrides=over)
     assert [s.max_minutes for s in m.stages()] == [1e-7, None, 1e9]
     res = fit(m, train, None, tmp_path / "run", progress=False)

@@ -148,7 +148,8 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
         resume: continue from `out_dir/train_state.pt`.
         progress: show a tqdm bar on stderr.
         max_minutes: wall-clock budget per stage (default `method.cfg.max_minutes`); a stage that
-            spends it stops cleanly, checkpointed, and the next stage starts.
+            spends it stops cleanly, checkpointed, and the next stage starts. A stage's own
+            `Stage.max_minutes` replaces it for that stage.
         max_steps: stop (checkpointed) after this many optimiser steps in this call, as if
             interrupted; used by tests and for chunked jobs.
         callback: called with every step record; a `KeyboardInterrupt` raised from it (or from

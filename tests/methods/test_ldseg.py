@@ -355,3 +355,35 @@ def test_table_v_rows_train_and_predict(label_ds, image_ds):
     assert m.decoder.out.weight.grad is not None
     p = m.eval().predict_proba(batch(2)["image"][:1], generator=torch.Generator().manual_seed(0))
     assert torch.allclose(p.sum(1), torch.ones(1, 64, 64))
+
+
+# ------------------------------------------------------------------- issue 20: class balancing
+def test_class_weights_are_the_inverse_frequencies_of_the_pixels_seen():
+    m = make(class_weights="inverse_freq", class_weight_max=4.0)
+    assert "class_counts" in m.state_dict() and "class_counts" not in m.inference_state_dict()
+    assert make().class_counts is None  # paper setting: no buffer at all
+    b = batch(2)
+    m.train().training_step(b, torch.Generator().manual_seed(0), "main")
+    n = torch.bincount(b["label"].reshape(-1), minlength=K).double()
+    assert m.class_counts.tolist() == n.tolist()
+    f = n / n.sum()
+    assert m.class_weight_vector().tolist() == pytest.approx((1 / (K * f)).clamp(max=4.0).tolist(), rel=1e-6)
+
+
+def test_weighted_ce_is_the_weighted_mean_of_the_pixel_losses():
+    plain, weighted = make(), make(class_weights="inverse_freq", class_weight_max=100.0)
+    unzero(plain)
+    weighted.load_state_dict(plain.state_dict(), strict=False)
+    b = batch(2)
+    lp = plain.train().training_step(b, torch.Generator().manual_seed(0), "main")
+    lw = weighted.train().training_step(b, torch.Generator().manual_seed(0), "main")
+    logits = plain.forward_train(b["image"], b["label"], torch.Generator().manual_seed(0))["logits"].float()
+    pixel_ce = torch.nn.functional.cross_entropy(logits, b["label"], reduction="none")
+    w = weighted.class_weight_vector()[b["label"]]
+    assert lw["log/ce"].item() == pytest.approx(((w * pixel_ce).sum() / w.sum()).item(), rel=1e-4)
+    assert lp["log/ce"].item() == pytest.approx(pixel_ce.mean().item(), rel=1e-4)
+    assert lw["log/ce"].item() != pytest.approx(lp["log/ce"].item(), rel=1e-3)  # the weights change the loss
+    with pytest.raises(ConfigError, match="class_weight_max"):
+        LDSegConfig.from_dict({**LDSegSegmenter.presets["tiny"], "class_weight_max": 0.5})
+    with pytest.raises(ConfigError, match="class_weights"):
+        LDSegConfig.from_dict({**LDSegSegmenter.presets["tiny"], "class_weights": "median"})

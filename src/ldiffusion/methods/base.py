@@ -313,6 +313,53 @@ def inference_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class ClassCounting:
+    """Mixin of a `Segmenter` with class-balanced training: running pixel counts and their weights.
+
+    The host sets ``self.class_counts`` with `init_class_counts` in its ``__init__`` (a float64
+    (K,) buffer when on, None when off; it is part of `state_dict`, hence of `train_state.pt`, so a
+    resumed run continues with the same counts) and has ``cfg.class_weight_max``.
+    """
+
+    class_counts: torch.Tensor | None
+    num_classes: int
+    cfg: MethodConfig
+
+    def init_class_counts(self, on: bool) -> None:
+        """Register the `class_counts` buffer: zeros (K,) float64 when `on`, else None (no buffer at all)."""
+        assert isinstance(self, nn.Module)
+        counts = torch.zeros(self.num_classes, dtype=torch.float64) if on else None
+        self.register_buffer("class_counts", counts)
+
+    @torch.no_grad()
+    def update_class_counts(self, label: torch.Tensor, ignore_index: int = 255) -> None:
+        """Add the labelled pixels of a training batch (B, H, W) to `class_counts` (no-op when off).
+
+        Under torch.distributed the batch counts are summed over the ranks first, so every rank
+        holds the counts of the global batch.
+        """
+        from ldiffusion.losses.class_balance import class_pixel_counts
+
+        if self.class_counts is None:
+            return
+        counts = class_pixel_counts(label, self.num_classes, ignore_index).to(self.class_counts.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        self.class_counts += counts
+
+    def class_weight_vector(self) -> torch.Tensor | None:
+        """Return w_c = 1 / (K' f_c) clipped to ``cfg.class_weight_max`` (K,) float32, or None when off.
+
+        `losses.class_balance.inverse_frequency_weights` of `class_counts`.
+        """
+        from ldiffusion.losses.class_balance import inverse_frequency_weights
+
+        if self.class_counts is None:
+            return None
+        max_weight = float(self.cfg.class_weight_max)  # type: ignore[attr-defined]
+        return inverse_frequency_weights(self.class_counts, max_weight).to(self.class_counts.device)
+
+
 class Segmenter(Trainable):
     """A trainable semantic segmenter: images in, class probabilities out."""
 

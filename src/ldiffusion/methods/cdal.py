@@ -68,10 +68,10 @@ from ldiffusion.core.config import check_range
 from ldiffusion.core.errors import ConfigError, InputError
 from ldiffusion.core.rng import make_generator
 from ldiffusion.diffusion.samplers.vp_posterior import VPPosterior
-from ldiffusion.losses.class_balance import class_pixel_counts, inverse_frequency_weights
 from ldiffusion.losses.dice import soft_dice_loss
 from ldiffusion.methods.base import (
     STAIN_AUGMENTATION,
+    ClassCounting,
     MethodConfig,
     OptimizerSpec,
     Segmenter,
@@ -243,7 +243,7 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: to
     return torch.randn(shape, generator=generator, device=gdev).to(device)
 
 
-class CDALMethod(Segmenter):
+class CDALMethod(ClassCounting, Segmenter):
     """cDAL segmenter: generator ``self.gen`` (saved) + discriminator ``self.disc`` (training only).
 
     Example:
@@ -290,8 +290,7 @@ class CDALMethod(Segmenter):
         # counts training steps (lazy R1); saved in train_state.pt, not in model.safetensors
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
         # running training pixel counts per class (class_weights; None = off); train_state.pt only
-        on = cfg.class_weights == "inverse_freq"
-        self.register_buffer("class_counts", torch.zeros(num_classes, dtype=torch.float64) if on else None)
+        self.init_class_counts(cfg.class_weights == "inverse_freq")
         if cfg.image_norm == "monuseg" and in_channels == 3:
             mean, std = torch.tensor(_MONUSEG_MEAN) / 255.0, torch.tensor(_MONUSEG_STD) / 255.0
         else:
@@ -420,29 +419,6 @@ class CDALMethod(Segmenter):
             self.update_class_counts(label)
         out.update(self.generator_loss(x0, valid, image, generator, label=label))
         return out
-
-    # ------------------------------------------------------------------ class balance
-    @torch.no_grad()
-    def update_class_counts(self, label: Tensor) -> None:
-        """Add the labelled pixels of a training batch (B, H, W) to `class_counts` (no-op when off).
-
-        Under torch.distributed the batch counts are summed over the ranks first, so every rank
-        holds the counts of the global batch.
-        """
-        if self.class_counts is None:
-            return
-        counts = class_pixel_counts(label, self.num_classes, IGNORE).to(self.class_counts.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts)
-        self.class_counts += counts
-
-    def class_weight_vector(self) -> Tensor | None:
-        """Return the class weights (K,) float32 from `class_counts`, or None when `class_weights="none"`."""
-        cfg = self.cfg
-        assert isinstance(cfg, CDALConfig)
-        if self.class_counts is None:
-            return None
-        return inverse_frequency_weights(self.class_counts, cfg.class_weight_max).to(self.class_counts.device)
 
     def class_logits(self, x0_hat: Tensor) -> Tensor:
         """Class logits (B, K, H, W) of predicted labels x̂0 (B, C_y, H, W), divided by ``aux_temperature``.

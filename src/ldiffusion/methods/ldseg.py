@@ -52,7 +52,13 @@ from torch import Tensor, nn
 from ldiffusion.core.config import check_range
 from ldiffusion.core.errors import ConfigError, InputError
 from ldiffusion.core.rng import derive_seed, make_generator
-from ldiffusion.methods.base import STAIN_AUGMENTATION, MethodConfig, Segmenter, inference_autocast
+from ldiffusion.methods.base import (
+    STAIN_AUGMENTATION,
+    ClassCounting,
+    MethodConfig,
+    Segmenter,
+    inference_autocast,
+)
 from ldiffusion.nets.ldseg import build_ldseg_nets, check_ldseg_input, ldseg_preset, ldseg_size_divisor
 
 logger = logging.getLogger(__name__)
@@ -247,6 +253,11 @@ class LDSegConfig(MethodConfig):
             down-sampled by nearest neighbour and standardised per sample).
         image_downsampler: "encoder" (learned image encoder, paper) | "nearest" (Table V: the grey image
             down-sampled by nearest neighbour and standardised per sample).
+        class_weights: "none" (paper: plain CE) or "inverse_freq" (the CE term weighs each pixel by
+            w_c = 1 / (K' f_c) of its class, from the running training pixel counts, clipped to
+            ``class_weight_max``; a departure, issue 20). The Dice term is unchanged (it already
+            averages over the foreground classes present).
+        class_weight_max: upper clip of the class weights (>= 1).
     """
 
     arch: Literal["tiny", "small", "paper"] = "tiny"
@@ -276,6 +287,8 @@ class LDSegConfig(MethodConfig):
     lr_decay: float = 1.0
     label_downsampler: Literal["encoder", "nearest"] = "encoder"
     image_downsampler: Literal["encoder", "nearest"] = "encoder"
+    class_weights: Literal["none", "inverse_freq"] = "none"
+    class_weight_max: float = 100.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -293,6 +306,7 @@ class LDSegConfig(MethodConfig):
         check_range("uncertainty_samples", self.uncertainty_samples, 1)
         check_range("sample_chunk", self.sample_chunk, 1)
         check_range("lr_decay", self.lr_decay, 0.0, 1.0, lo_open=True)
+        check_range("class_weight_max", self.class_weight_max, 1.0)
         div = ldseg_size_divisor(self.latent_stride)
         if self.crop_px % div:
             raise ConfigError(f"crop_px={self.crop_px} should be divisible by {div} for LDSeg with "
@@ -308,7 +322,7 @@ _SHARED_TRAINING: dict[str, Any] = {
 }
 
 
-class LDSegSegmenter(Segmenter):
+class LDSegSegmenter(ClassCounting, Segmenter):
     """LDSeg: label/image encoders, latent denoiser and label decoder trained jointly.
 
     Modules: ``label_encoder`` (training only), ``image_encoder``, ``denoiser`` (+ ``denoiser_ema``
@@ -355,6 +369,8 @@ class LDSegSegmenter(Segmenter):
         # 1 when an optimiser step has run since the EMA was last updated (part of train_state.pt).
         self.register_buffer("ema_pending", torch.zeros((), dtype=torch.int64))
         self.register_buffer("alphas_cumprod", cosine_alpha_bar(torch.arange(cfg.T), cfg.T), persistent=False)
+        # running training pixel counts per class (class_weights; None = off); train_state.pt only
+        self.init_class_counts(cfg.class_weights == "inverse_freq")
 
     @property
     def lcfg(self) -> LDSegConfig:
@@ -432,14 +448,20 @@ class LDSegSegmenter(Segmenter):
 
     def training_step(self, batch: dict[str, Any], generator: torch.Generator,
                       stage: str) -> dict[str, Tensor]:
-        """Return {"model": CE + gamma (1 - Dice) + lambda MSE, "log/ce", "log/dice", "log/mse"}."""
+        """Return {"model": CE + gamma (1 - Dice) + lambda MSE, "log/ce", "log/dice", "log/mse"}.
+
+        With ``class_weights="inverse_freq"`` the batch's labels are added to `class_counts` first and
+        the CE is weighted by `class_weight_vector` (torch's weighted mean: sum w_y CE / sum w_y).
+        """
         cfg = self.lcfg
         self._sync_ema()
         labels = batch["label"]
+        self.update_class_counts(labels, IGNORE)
+        weights = self.class_weight_vector()
         out = self.forward_train(batch["image"], labels, generator)
         logits = out["logits"].float()
         if bool((labels != IGNORE).any()):
-            ce = F.cross_entropy(logits, labels, ignore_index=IGNORE)
+            ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, weight=weights)
         else:
             ce = logits.sum() * 0.0
         dice = ldseg_dice(torch.softmax(logits, dim=1), labels, cfg.dice_mode)

@@ -151,6 +151,23 @@ def _ldiffusion_exe() -> list[str]:
     return [sys.executable, "-c", "from ldiffusion.cli import entry; entry()"]
 
 
+def budget_text(steps: int | None, max_minutes: float | None, overrides: list[str]) -> str:
+    """Describe the training budget of a run for its result file.
+
+    Stage budgets given as `--set` overrides (e.g. ``ldiffusion:seg_max_minutes=13``) are named too.
+    """
+    budget = []
+    if steps is not None:
+        budget.append(f"{steps} optimiser steps per stage")
+    if max_minutes is not None:
+        budget.append(f"at most {max_minutes:g} min per stage")
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.split(":")[-1].endswith("max_minutes"):
+            budget.append(f"{key} = {value} min")
+    return ", ".join(budget) or "the preset's step counts"
+
+
 def budget_overrides(method: str, steps: int | None) -> list[str]:
     """Return `--set` values that give every stage of `method` exactly `steps` optimiser steps."""
     if steps is None:
@@ -332,11 +349,6 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{socket.gethostname().split('.')[0] or 'host'}-{'cuda' if cuda else 'cpu'}"
     date = datetime.date.today().isoformat()
     out = args.out or REPO / "benchmarks" / "results" / f"{date}-{machine}.json"
-    budget = []
-    if args.steps is not None:
-        budget.append(f"{args.steps} optimiser steps per stage")
-    if args.max_minutes is not None:
-        budget.append(f"at most {args.max_minutes:g} min per stage")
     res: dict[str, Any] = {
         "schema": 1,
         "date": date,
@@ -350,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         "tta": args.tta,
         "predict_set": args.predict_set,
         "overrides": args.overrides,
-        "budget": ", ".join(budget) or "the preset's step counts",
+        "budget": budget_text(args.steps, args.max_minutes, args.overrides),
         "max_minutes": args.max_minutes,
         "ldiffusion": ldiffusion.__version__,
         "torch": torch.__version__,

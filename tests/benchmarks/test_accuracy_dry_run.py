@@ -82,3 +82,19 @@ def test_snapshot_rows_are_scored(synth_root, tmp_path):
     assert 0.0 <= point["scores"]["test"]["dice"] <= 1.0
     assert "no snapshot at 1e+09 min" in proc.stdout
     assert "unet @ 1e-07 min (1 steps)" in (tmp_path / "res.md").read_text()
+
+
+def test_the_budget_text_names_stage_budgets_given_as_overrides():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("accuracy_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        del sys.modules[spec.name]
+    assert mod.budget_text(None, None, []) == "the preset's step counts"
+    assert mod.budget_text(7, 3.0, []) == "7 optimiser steps per stage, at most 3 min per stage"
+    text = mod.budget_text(None, None, ["ldiffusion:seg_max_minutes=13", "ldiffusion:val_every=100"])
+    assert text == "ldiffusion:seg_max_minutes = 13 min"

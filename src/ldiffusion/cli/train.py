@@ -93,7 +93,8 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
                                stain_bias=cfg.stain_bias)
     split_distance = cfg.contour_fallback_distance if cfg.contour_fallback == "watershed" else None
     train_ds = SegmentationDataset(data, "train", transform=transform, seed=cfg.seed, annotated_ids=annotated,
-                                   contour_px=contour_px, contour_split_distance=split_distance)
+                                   contour_px=contour_px, contour_split_distance=split_distance,
+                                   scale=cfg.input_scale)
     val_ds = (SegmentationDataset(data, "val", contour_px=contour_px, contour_split_distance=split_distance)
               if has_val else None)
     data_info = {

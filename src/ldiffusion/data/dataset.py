@@ -90,6 +90,9 @@ class SegmentationDataset(Dataset):
             without one falls back (with a warning) to the connected components of each class.
         contour_split_distance: for that fallback, split each component with the distance-transform
             watershed (markers at least this many px apart) instead; None keeps the components.
+        scale: working resolution (the method's `input_scale`): every image, label and instance map
+            is resized by it when loaded (`data.resample.resize_maps`), before augmentation and the
+            contour target. 1 = the files' resolution.
 
     Raises:
         DatasetFormatError: bad `dataset.json`, unknown split, an id of the split without an image
@@ -107,6 +110,7 @@ class SegmentationDataset(Dataset):
         cache: bool = True,
         contour_px: int | None = None,
         contour_split_distance: int | None = None,
+        scale: float = 1.0,
     ) -> None:
         self.root = Path(root)
         self._info = read_dataset_info(self.root)
@@ -127,6 +131,9 @@ class SegmentationDataset(Dataset):
         self.cache = cache
         self.contour_px = contour_px
         self.contour_split_distance = contour_split_distance
+        if not 0.0 < scale <= 1.0:
+            raise ValueError(f"scale={scale} should be in (0, 1]")
+        self.scale = float(scale)
         if contour_px is not None:
             missing = [i for i in self._ids if sample_path(self.root, "instances", i) is None]
             if missing:
@@ -200,6 +207,10 @@ class SegmentationDataset(Dataset):
         if self._info.ignore_index != IGNORE:
             label = label.astype(np.int32)
             label[label == self._info.ignore_index] = IGNORE
+        if self.scale != 1.0:
+            from ldiffusion.data.resample import resize_maps
+
+            image, label, inst = resize_maps(image, label, inst, self.scale)
         if self.cache:
             self._cache[case_id] = (image, label, inst)
         return image, label, inst

@@ -57,6 +57,7 @@ from ldiffusion.infer.writers import (
     write_overlay_png,
     write_stats,
 )
+from ldiffusion.methods.sliding import scaled_predict_proba
 
 logger = logging.getLogger(__name__)
 
@@ -387,7 +388,7 @@ def _predict_slide(
             x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255.0).to(device)
             gen = make_generator(derive_seed(seed, name, b), device)
             with torch.no_grad():
-                probs = segmenter.predict_proba(x, generator=gen)
+                probs = scaled_predict_proba(segmenter, x, generator=gen)  # input_scale: resized in and out
             if tuple(probs.shape) != (len(batch), k, tile, tile):
                 raise InputError(
                     f"model returned probabilities of shape {tuple(probs.shape)}; expected "

@@ -85,6 +85,10 @@ class MethodConfig(Config):
             objects merge: no boundary between them is taught) or a "watershed" split of them (the
             distance-transform watershed of `evaluate --watershed`, markers at least
             `contour_fallback_distance` px apart): an estimate of the boundaries the outlines would give.
+        input_scale: working resolution as a fraction of the data's (0 < s <= 1): training images,
+            labels and instance maps are resized by s when loaded (`data.resample`), and prediction
+            resizes each image by s, predicts, and resizes the probabilities back, so outputs keep the
+            input's size. crop_px, boundary_px and the inference tile are in working pixels. 1 = off.
         num_workers: DataLoader workers (0 = in-process).
     """
 
@@ -112,6 +116,7 @@ class MethodConfig(Config):
     min_object_px: int = 10
     contour_fallback: ContourFallback = "components"
     contour_fallback_distance: int = 9
+    input_scale: float = 1.0
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -126,6 +131,7 @@ class MethodConfig(Config):
         check_range("n_samples", self.n_samples, 1)
         check_range("seed", self.seed, -(2**63), 2**63 - 1)  # torch/NumPy seeds are 64-bit
         check_range("num_workers", self.num_workers, 0)
+        check_range("input_scale", self.input_scale, 0.0, 1.0, lo_open=True)
         check_range("color_jitter", self.color_jitter, 0.0, 1.0)
         check_range("stain_jitter", self.stain_jitter, 0.0, 0.99)
         check_range("stain_bias", self.stain_bias, 0.0, 1.0)

@@ -10,6 +10,10 @@ Tile choice (`default_tile_px`): a method whose receptive field exceeds its trai
 whole images up to 1024 px at once, so it sees as much context as it can use; the others keep their
 training crop, the context they were trained on. Optional test-time augmentation averages the
 probabilities over the 8 flips / 90-degree rotations of each tile.
+
+A method trained at a working resolution (`MethodConfig.input_scale` s < 1) has the whole image
+resized by s first (`data.resample`), tiled and predicted there, and its probabilities resized back,
+so the output always has the input's size; tiles are then in working pixels.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from ldiffusion.core.errors import InputError
+from ldiffusion.data.resample import resize_image, resize_proba, scaled_size
 from ldiffusion.infer.tiling import gaussian_weight, tile_starts  # pure geometry (numpy), no model code
 
-__all__ = ["default_tile_px", "sliding_window_proba"]
+__all__ = ["default_tile_px", "input_scale", "scaled_predict_proba", "sliding_window_proba"]
 
 #: smallest inference tile of wide-context methods, and the largest image predicted in one piece.
 WIDE_TILE_PX, WHOLE_IMAGE_PX = 512, 1024
@@ -48,6 +53,33 @@ def default_tile_px(segmenter: Any, height: int, width: int) -> int:
     if max(height, width) <= WHOLE_IMAGE_PX:
         return max(height, width, crop)
     return max(crop, WIDE_TILE_PX)
+
+
+def input_scale(segmenter: Any) -> float:
+    """Return the working-resolution factor of `segmenter` (`cfg.input_scale`, 1.0 when it has none)."""
+    cfg = getattr(segmenter, "cfg", None)
+    return float(getattr(cfg, "input_scale", 1.0))
+
+
+def scaled_predict_proba(segmenter: Any, x: torch.Tensor, *,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """`segmenter.predict_proba` of tiles (B, C, H, W) at the segmenter's working resolution.
+
+    With `input_scale` s < 1 the tiles are resized by s, padded (replicate) to `size_divisor`,
+    predicted, cropped, and the probabilities resized back to (H, W); s = 1 calls `predict_proba`
+    directly. Used where tiles are cut at the input's resolution (`infer.slide_predict`).
+    """
+    scale = input_scale(segmenter)
+    if scale == 1.0:
+        return segmenter.predict_proba(x, generator=generator)
+    h, w = x.shape[-2:]
+    size = scaled_size(h, w, scale)
+    d = max(int(getattr(segmenter, "size_divisor", 1)), 1)
+    small = resize_image(x, size)
+    ph, pw = -size[0] % d, -size[1] % d
+    small = F.pad(small, (0, pw, 0, ph), mode="replicate") if (ph or pw) else small
+    p = segmenter.predict_proba(small, generator=generator)[..., :size[0], :size[1]]
+    return resize_proba(p, (h, w))
 
 
 def _dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
@@ -92,7 +124,7 @@ def sliding_window_proba(segmenter: Any, x: torch.Tensor, *, tile_px: int | None
     Args:
         segmenter: a `methods.base.Segmenter` (its device is used).
         x: image (1, C, H, W) float32 in [0, 1].
-        tile_px: tile side (default: `default_tile_px`), rounded up to `size_divisor`.
+        tile_px: tile side in working pixels (default: `default_tile_px`), rounded up to `size_divisor`.
         overlap_px: overlap between neighbouring tiles (default: tile_px // 4).
         batch_size: tiles per forward pass.
         generator: generator of stochastic methods.
@@ -108,6 +140,24 @@ def sliding_window_proba(segmenter: Any, x: torch.Tensor, *, tile_px: int | None
     """
     if x.ndim != 4 or x.shape[0] != 1:
         raise InputError(f"expected one image (1, C, H, W), got {tuple(x.shape)}")
+    scale = input_scale(segmenter)
+    if scale != 1.0:  # predict at the working resolution, then resize back to the input's size
+        full = tuple(x.shape[-2:])
+        out = _sliding(segmenter, resize_image(x, scaled_size(*full, scale)), tile_px, overlap_px, batch_size,
+                       generator, return_uncertainty, n_samples, tta)
+        if return_uncertainty:
+            probs, unc = out
+            unc = F.interpolate(unc[None, None], size=full, mode="bilinear", align_corners=False)[0, 0]
+            return resize_proba(probs[None], full)[0], unc
+        return resize_proba(out[None], full)[0]
+    return _sliding(segmenter, x, tile_px, overlap_px, batch_size, generator, return_uncertainty, n_samples,
+                    tta)
+
+
+def _sliding(segmenter: Any, x: torch.Tensor, tile_px: int | None, overlap_px: int | None, batch_size: int,
+             generator: torch.Generator | None, return_uncertainty: bool, n_samples: int | None,
+             tta: bool) -> Any:
+    """`sliding_window_proba` at the resolution of `x` (no `input_scale`)."""
     h, w = x.shape[-2:]
     d = max(int(getattr(segmenter, "size_divisor", 1)), 1)
     tile = int(tile_px if tile_px is not None else default_tile_px(segmenter, h, w))

@@ -643,8 +643,15 @@ class CDALMethod(ClassCounting, Segmenter):
 
     def validation_score(self, batches: Iterable[dict[str, Any]], generator: torch.Generator,
                          stage: str) -> float:
-        """Mean foreground Dice (dataset level) of `predict` (the configured decision) on validation."""
+        """Mean foreground Dice (dataset level) of `predict` (the configured decision) on validation.
+
+        With ``input_scale`` < 1 the images go through the resizing sliding window of `predict` instead
+        (`Segmenter.validation_score`, the argmax of the probabilities).
+        """
         from ldiffusion.train.validation import DiceAccumulator
+
+        if self.cfg.input_scale != 1.0:
+            return super().validation_score(batches, generator, stage)
 
         acc = DiceAccumulator(self.num_classes)
         with torch.no_grad():

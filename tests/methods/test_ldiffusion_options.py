@@ -179,6 +179,21 @@ def test_feature_channels_and_segmenter_input(channels, m_per_step):
         torch.testing.assert_close(f[:, :1], to_grey(f[:, 1:4]))
 
 
+def test_without_the_trajectory_the_segmenter_sees_only_the_image():
+    m = _method(seg_with_image=True, seg_trajectory=False).eval()
+    x = _batch(1)["image"]
+    f = m.features(x, [0])
+    assert f.shape == (1, 3, 64, 64) and not f.any()  # zeros of the stack's shape, no chain run
+    with torch.no_grad():  # so the noise draw cannot change the output
+        a = m.predict_proba(x, generator=torch.Generator().manual_seed(0))
+        b = m.predict_proba(x, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    with_chain = _method(seg_with_image=True).eval()
+    assert with_chain.features(x, [0]).any()  # the control differs from the method
+    with pytest.raises(ConfigError, match="seg_trajectory"):
+        _method(seg_trajectory=False)  # no image and no stack: nothing to segment
+
+
 def test_seg_head_stride_adds_full_resolution_stages():
     assert len(_method().seg.decoder.up) == 0 and _method().seg.head_stride == 2  # tiny stem stride 2
     m = _method(seg_head_stride=1)

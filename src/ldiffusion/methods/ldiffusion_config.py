@@ -79,6 +79,8 @@ class LDiffusionConfig(MethodConfig):
         seg: `nets.convnext_preset` name of the segmenter. seg_mode: "dense" (ConvNeXt + FPN) or "pixel".
         seg_loss: "dice" or "dice+ce". seg_inputs: "grey" (paper) or "grey+rgb" (= ``seg_with_image``).
         seg_with_image: give the segmenter the image (3 channels) beside the feature stack (a departure).
+        seg_trajectory: False replaces the feature stack by zeros without running the chain (an
+            ablation control: the same segmenter sees only the image; needs ``seg_with_image``).
         seg_head_stride: output stride of the FPN head (1, 2 or 4); None = the preset's stem stride (4 in
             small / paper, 2 in tiny). Finer strides add upsampling stages with a skip from the input stack.
         seg_steps, seg_epochs: stage 2 optimisation (lr / batch_size: the `MethodConfig` fields).
@@ -146,6 +148,7 @@ class LDiffusionConfig(MethodConfig):
     seg_loss: Literal["dice", "dice+ce"] = "dice+ce"
     seg_inputs: Literal["grey", "grey+rgb"] = "grey"
     seg_with_image: bool = False
+    seg_trajectory: bool = True
     seg_head_stride: int | None = None
     seg_steps: int = 150
     seg_epochs: int | None = None
@@ -201,6 +204,9 @@ class LDiffusionConfig(MethodConfig):
                 f"t_train_max={self.t_train_max} is out of range; expected t_start={self.t_start} <= "
                 f"t_train_max <= train_timesteps={self.train_timesteps} (None = t_start)"
             )
+        if not self.seg_trajectory and not self.with_image:
+            raise ConfigError("seg_trajectory=false leaves the segmenter no input; set seg_with_image=true "
+                              "(the ablation control: the image only)")
         if self.seg_head_stride is not None and self.seg_head_stride not in (1, 2, 4):
             raise ConfigError(
                 f"seg_head_stride={self.seg_head_stride!r} is not valid; choose 1, 2, 4 or None "

@@ -104,6 +104,9 @@ class LDiffusionInference:
                 "tile".
         """
         cfg: LDiffusionConfig = self.cfg
+        if not cfg.seg_trajectory and mode != "calibrate":  # ablation control: no chain, zeros
+            b, _, h, w = images.shape
+            return images.new_zeros(b, cfg.steps * cfg.maps_per_step, h, w)
         table = self.component_table() if component_map is not None else None
         with torch.no_grad(), self._norm_context(images, mode):
             z0 = self.encode(images)

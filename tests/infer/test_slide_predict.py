@@ -122,6 +122,28 @@ def test_constant_model_gives_constant_pyramid(slide_path, tmp_path):
         )
 
 
+class HalfScaleConstantModel(ConstantModel):
+    """A constant model trained at half resolution: records the tile sizes it is given."""
+
+    cfg = type("Cfg", (), {"input_scale": 0.5})()
+    size_divisor = 32
+
+    def __init__(self):
+        self.sizes = set()
+
+    def predict_proba(self, images, *, generator=None):
+        self.sizes.add(tuple(images.shape[-2:]))
+        return super().predict_proba(images, generator=generator)
+
+
+def test_a_model_at_half_resolution_sees_half_size_tiles_and_writes_a_full_size_map(slide_path, tmp_path):
+    model = HalfScaleConstantModel()
+    predict_slide(model, slide_path, tmp_path, formats="ome-tiff", **FAST)
+    assert model.sizes == {(256, 256)}  # 512 px tiles resized by 0.5
+    levels, _ = read_levels(tmp_path / "synthetic" / "labels.ome.tif")
+    assert levels[0].shape == (4096, 4096) and (levels[0] == 1).all()
+
+
 def test_position_model_reproduces_grid_and_geojson(slide_path, tmp_path):
     predict_slide(PositionModel(), slide_path, tmp_path, formats="ome-tiff,geojson", **FAST)
     out = tmp_path / "synthetic"

@@ -94,3 +94,11 @@ def test_slide_tiles_of_a_scaled_model_are_padded_to_its_size_divisor():
 def test_input_scale_is_checked(bad):
     with pytest.raises(ConfigError, match="input_scale"):
         resolve_config("unet", None, "tiny", [f"input_scale={bad}"])
+
+
+def test_validation_widths_are_in_pixels_of_the_files():
+    from ldiffusion.cli.train import full_resolution_px
+
+    assert full_resolution_px(3, 0.5) == 6  # a 3 px boundary at half resolution is 6 px in the files
+    assert full_resolution_px(9, 1.0) == 9 and full_resolution_px(None, 0.5) is None
+    assert full_resolution_px(1, 0.9) == 1

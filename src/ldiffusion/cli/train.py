@@ -95,7 +95,8 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
     train_ds = SegmentationDataset(data, "train", transform=transform, seed=cfg.seed, annotated_ids=annotated,
                                    contour_px=contour_px, contour_split_distance=split_distance,
                                    scale=cfg.input_scale)
-    val_ds = (SegmentationDataset(data, "val", contour_px=contour_px, contour_split_distance=split_distance)
+    val_contour_px, val_split = (full_resolution_px(v, cfg.input_scale) for v in (contour_px, split_distance))
+    val_ds = (SegmentationDataset(data, "val", contour_px=val_contour_px, contour_split_distance=val_split)
               if has_val else None)
     data_info = {
         "name": info.name,
@@ -109,6 +110,19 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
     return fit(method, train_ds, val_ds, out, device=dev, generator_seed=cfg.seed, resume=resume,
                progress=progress, run_info={"data": data_info}, overwrite=overwrite,
                data_fingerprint=fingerprint, snapshot_minutes=snapshot_minutes or ())
+
+
+def full_resolution_px(width: int | None, input_scale: float) -> int | None:
+    """Return a width given in working pixels (`input_scale`) in pixels of the files (None stays None).
+
+    Validation is scored at the files' resolution, so its contour band and watershed marker distance
+    are the training ones divided by the scale (at least 1 px).
+
+    Example:
+        >>> full_resolution_px(3, 0.5), full_resolution_px(None, 0.5), full_resolution_px(2, 1.0)
+        (6, None, 2)
+    """
+    return None if width is None else max(1, round(width / input_scale))
 
 
 def distributed_device(device: str, environ: Mapping[str, str]) -> tuple[str, int, int]:

@@ -324,6 +324,14 @@ def test_lr_decay_formula_and_presets():
     assert m.lr_multiplier("main", 7, 3) == 0.25
     decays = [LDSegSegmenter.presets[p].get("lr_decay", 1.0) for p in ("tiny", "small", "paper")]
     assert decays == [1.0, 0.95, 0.999]
+    # the floor: 0.9 ** 35 = 0.025 would go below 0.1
+    assert lr_decay_multiplier(350, 10, 0.9, floor=0.1) == pytest.approx(0.1)
+    assert lr_decay_multiplier(19, 10, 0.9, floor=0.1) == pytest.approx(0.9)  # above the floor: untouched
+    assert make(lr_decay=0.5, lr_decay_floor=0.2).lr_multiplier("main", 70, 3) == pytest.approx(0.2)
+    floors = [LDSegSegmenter.presets[p].get("lr_decay_floor", 0.0) for p in ("tiny", "small", "paper")]
+    assert floors == [0.0, 0.1, 0.0]
+    with pytest.raises(ConfigError, match="lr_decay_floor"):
+        LDSegConfig.from_dict({**LDSegSegmenter.presets["tiny"], "lr_decay_floor": 1.5})
 
 
 def test_fit_applies_the_lr_decay_per_epoch(synth_root, tmp_path):

@@ -29,6 +29,7 @@ from ldiffusion.core.config import Config, check_range
 from ldiffusion.core.device import autocast
 from ldiffusion.core.errors import ConfigError
 from ldiffusion.core.io import save_weights, write_json
+from ldiffusion.losses.class_balance import class_pixel_counts, inverse_frequency_weights
 
 logger = logging.getLogger(__name__)
 
@@ -344,8 +345,6 @@ class ClassCounting:
         Under torch.distributed the batch counts are summed over the ranks first, so every rank
         holds the counts of the global batch.
         """
-        from ldiffusion.losses.class_balance import class_pixel_counts
-
         if self.class_counts is None:
             return
         counts = class_pixel_counts(label, self.num_classes, ignore_index).to(self.class_counts.device)
@@ -358,8 +357,6 @@ class ClassCounting:
 
         `losses.class_balance.inverse_frequency_weights` of `class_counts`.
         """
-        from ldiffusion.losses.class_balance import inverse_frequency_weights
-
         if self.class_counts is None:
             return None
         max_weight = float(self.cfg.class_weight_max)  # type: ignore[attr-defined]

@@ -89,7 +89,8 @@ class MethodConfig(Config):
         input_scale: working resolution as a fraction of the data's (0 < s <= 1): training images,
             labels and instance maps are resized by s when loaded (`data.resample`), and prediction
             resizes each image by s, predicts, and resizes the probabilities back, so outputs keep the
-            input's size. crop_px, boundary_px and the inference tile are in working pixels. 1 = off.
+            input's size. crop_px, boundary_px, contour_fallback_distance and the inference tile are
+            in working pixels. 1 = off.
         num_workers: DataLoader workers (0 = in-process).
     """
 

@@ -30,6 +30,7 @@ from ldiffusion.core.device import autocast
 from ldiffusion.core.errors import ConfigError
 from ldiffusion.core.io import save_weights, write_json
 from ldiffusion.losses.class_balance import class_pixel_counts, inverse_frequency_weights
+from ldiffusion.train.schedule import LRSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ class MethodConfig(Config):
             (oneDNN's fast convolution layout on CPU: 1.3-1.4x faster there; same results up to float
             rounding).
         max_minutes: wall-clock budget per stage; the stage stops cleanly (checkpointed) when spent.
+        lr_schedule: "constant" keeps every optimiser at its rate; "cosine" anneals it to 0 along
+            half a cosine over the stage's budget, steps or `max_minutes`, whichever is spent first
+            (`train.schedule`). Multiplies a method's own decay (LDSeg's `lr_decay`).
         grad_clip: clip the gradient norm of each optimiser's parameters (None = off).
         flips, rot90, color_jitter: training augmentation.
         stain_jitter, stain_bias: H&E stain augmentation (`data.transforms.stain_jitter`): density
@@ -107,6 +111,7 @@ class MethodConfig(Config):
     precision: Precision = "fp32"
     channels_last: bool = True
     max_minutes: float | None = None
+    lr_schedule: LRSchedule = "constant"
     grad_clip: float | None = 1.0
     flips: bool = True
     rot90: bool = True

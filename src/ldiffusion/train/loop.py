@@ -53,6 +53,7 @@ from ldiffusion.core.io import load_weights, read_json, write_json
 from ldiffusion.core.rng import derive_seed, make_generator, rng_state, set_rng_state, worker_init_fn
 from ldiffusion.train import distributed as ddp
 from ldiffusion.train.preflight import check_run_folder, fingerprint_mismatch
+from ldiffusion.train.schedule import schedule_factor, stage_progress
 from ldiffusion.train.signals import StopRequest
 from ldiffusion.train.state import STATE_FILE, TrainState, counters, load_state, save_state
 
@@ -177,6 +178,10 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     _check_snapshot_minutes(snapshot_minutes)
+    if snapshot_minutes and method.cfg.lr_schedule != "constant":
+        raise ConfigError(f"--snapshot-minutes with lr_schedule={method.cfg.lr_schedule!r}: a snapshot would "
+                          "not be the model of a shorter run (its rate follows the full budget); "
+                          "train each budget as its own run, or use lr_schedule=constant")
     device = torch.device(device)
     w = ddp.world()
     out = Path(out_dir)
@@ -335,9 +340,9 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                             step_key += ("rank", w.rank)
                         g_step = make_generator(derive_seed(generator_seed, *step_key), device)
                         batch = _to_device(batch, device)
-                        lr_mult = getattr(method, "lr_multiplier", None)  # optional per-step LR factor
-                        if lr_mult is not None:
-                            factor = float(lr_mult(stage.name, st.step, per_epoch))
+                        factor = _lr_factor(method, stage.name, st.step, per_epoch, total,
+                                            time.monotonic() - t_stage, stage_min, device)
+                        if factor is not None:
                             for name, o in opts.items():
                                 for group in o.param_groups:
                                     group["lr"] = specs[name].lr * factor
@@ -477,6 +482,28 @@ def _hook_batches(ds: Dataset, indices: list[int], bs: int, device: torch.device
     batches = [indices[i:i + bs] for i in range(0, len(indices), bs)]
     loader = DataLoader(ds, num_workers=0, batch_sampler=batches)
     return (_to_device(b, device) for b in loader)
+
+
+def _lr_factor(method: Any, stage: str, step: int, per_epoch: int, total: int, elapsed_s: float,
+               stage_min: float | None, device: torch.device) -> float | None:
+    """Factor on every optimiser's `lr` for the next step, or None to leave the rates alone.
+
+    The product of the method's own per-step factor (`lr_multiplier`, e.g. LDSeg's per-epoch decay)
+    and the config's `lr_schedule` at the stage's progress (`train.schedule`). Under torch.distributed
+    the progress is averaged over ranks so that every process steps with the same rate.
+    """
+    lr_mult = getattr(method, "lr_multiplier", None)
+    schedule = method.cfg.lr_schedule
+    if lr_mult is None and schedule == "constant":
+        return None
+    factor = float(lr_mult(stage, step, per_epoch)) if lr_mult is not None else 1.0
+    if schedule != "constant":
+        progress = stage_progress(step, total, elapsed_s, stage_min)
+        w = ddp.world()
+        if w.distributed:
+            progress = ddp.all_reduce_mean({"p": progress}, 1.0 / w.size, device)["p"]
+        factor *= schedule_factor(schedule, progress)
+    return factor
 
 
 def _snapshot_dir(out: Path, minutes: float) -> Path:

@@ -20,7 +20,10 @@ test split is read only by `predict` and `evaluate`). Scoring conventions per da
 
 Data sets are read from `--shared-data` (default ../shared/data) and converted into
 `--data-cache` (default ~/.cache/ldiffusion/data, outside the repository); `data prepare` skips a
-data set whose manifest is up to date. Runs go to `--runs` (default benchmarks/runs/, git-ignored).
+data set whose manifest is up to date. The converters draw the validation split with `--seed`, so
+each seed has its own folder (`<dataset>` for seed 0, `<dataset>-seed<S>` otherwise): two runs of
+different seeds side by side never convert into the same folder. Runs go to `--runs` (default
+benchmarks/runs/, git-ignored).
 `--dataset-dir NAME=DIR` uses an already prepared data set (no conversion), e.g. a synthetic one.
 
 Budget: the preset's step counts by default; `--steps N` sets every stage's optimiser steps
@@ -321,6 +324,16 @@ def _git_commit() -> str | None:
         return None
 
 
+def cache_name(dataset: str, seed: int) -> str:
+    """Folder name of a prepared data set under `--data-cache`; its validation split depends on the seed.
+
+    Example:
+        >>> cache_name("glas", 0), cache_name("glas", 1)
+        ('glas', 'glas-seed1')
+    """
+    return dataset if seed == 0 else f"{dataset}-seed{seed}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; return 0 when every command succeeded, 1 otherwise."""
     args = parse_args(argv)
@@ -375,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for ds in args.datasets:
         spec = DATASETS.get(ds)
-        data = dirs.get(ds) or args.data_cache.expanduser() / ds
+        data = dirs.get(ds) or args.data_cache.expanduser() / cache_name(ds, args.seed)
         if ds not in dirs:
             assert spec is not None
             rec = run(["data", "prepare", spec.converter, str(args.shared_data / spec.source), str(data),

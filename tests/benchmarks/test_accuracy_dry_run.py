@@ -41,6 +41,20 @@ def test_dry_run_prints_the_user_commands(tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
 
 
+def test_each_seed_prepares_its_own_folder(tmp_path):
+    # the converters draw the validation split with the seed: seed 1 must not convert over seed 0's folder
+    cmds = {}
+    for seed in ("0", "1"):
+        proc = _run("--dry-run", "--datasets", "glas", "--methods", "unet", "--seed", seed,
+                    "--data-cache", str(tmp_path / "cache"), "--shared-data", "/nonexistent/shared",
+                    cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        cmds[seed] = [x[2:] for x in proc.stdout.splitlines() if x.startswith("$ ")]
+    assert cmds["0"][0].split()[5] == str(tmp_path / "cache" / "glas")
+    assert cmds["1"][0].split()[5] == str(tmp_path / "cache" / "glas-seed1")
+    assert all(str(tmp_path / "cache" / "glas-seed1") in c for c in cmds["1"][1:] if "--data" in c)
+
+
 def test_unknown_dataset_is_an_error(tmp_path):
     proc = _run("--dry-run", "--datasets", "monusegg", cwd=tmp_path)
     assert proc.returncode != 0 and "unknown data set" in proc.stderr

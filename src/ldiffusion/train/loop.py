@@ -177,11 +177,7 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    _check_snapshot_minutes(snapshot_minutes)
-    if snapshot_minutes and method.cfg.lr_schedule != "constant":
-        raise ConfigError(f"--snapshot-minutes with lr_schedule={method.cfg.lr_schedule!r}: a snapshot would "
-                          "not be the model of a shorter run (its rate follows the full budget); "
-                          "train each budget as its own run, or use lr_schedule=constant")
+    _check_snapshot_minutes(snapshot_minutes, method.cfg.lr_schedule)
     device = torch.device(device)
     w = ddp.world()
     out = Path(out_dir)
@@ -510,10 +506,14 @@ def _snapshot_dir(out: Path, minutes: float) -> Path:
     return out / "snapshots" / f"{minutes:g}min"
 
 
-def _check_snapshot_minutes(minutes: Sequence[float]) -> None:
+def _check_snapshot_minutes(minutes: Sequence[float], lr_schedule: str) -> None:
     for m in minutes:
         if not 0 < m < float("inf"):  # also rejects nan
             raise ConfigError(f"--snapshot-minutes {m!r}: expected a positive number of minutes")
+    if minutes and lr_schedule != "constant":
+        raise ConfigError(f"--snapshot-minutes with lr_schedule={lr_schedule!r}: a snapshot would not be the "
+                          "model of a shorter run (its rate follows the full budget); train each budget as "
+                          "its own run, or use lr_schedule=constant")
 
 
 def _pending_snapshots(out: Path, minutes: Sequence[float], budget_min: float | None,

@@ -21,33 +21,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from ldiffusion.core.io import write_json
 from ldiffusion.data.format import read_dataset_info, read_mask
-from ldiffusion.data.targets import instances_from_contour
+from ldiffusion.data.targets import instances_from_contour, redraw_markers
 from ldiffusion.eval.glas import object_f1
-
-
-def contour_class_map(prob: np.ndarray, interior_threshold: float | None, erode_px: int) -> np.ndarray:
-    """Class map of a 3-class contour prediction, with the interior (markers) optionally re-drawn.
-
-    Args:
-        prob: (3, H, W) probabilities of background, interior, boundary.
-        interior_threshold: markers where p(interior) > this (None: the arg-max interior).
-        erode_px: erode the interior by a disc of this radius (0: none); eroded pixels become boundary,
-            so they stay in the object and are assigned to the nearest marker.
-
-    Returns:
-        (H, W) int64 classes 0 background, 1 interior, 2 boundary.
-    """
-    cm = prob.argmax(0).astype(np.int64)
-    objects = cm != 0
-    interior = cm == 1 if interior_threshold is None else (prob[1] > interior_threshold) & objects
-    if erode_px:
-        yy, xx = np.mgrid[-erode_px:erode_px + 1, -erode_px:erode_px + 1]
-        interior = ndi.binary_erosion(interior, structure=yy ** 2 + xx ** 2 <= erode_px ** 2)
-    return np.where(interior, 1, np.where(objects, 2, 0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         if prob.shape[0] != 3:
             raise SystemExit(f"error: {prob_dir / f'{case}_prob.npy'}: expected 3 contour classes, "
                              f"got {prob.shape[0]}")
-        cm = contour_class_map(prob, args.interior_threshold, args.erode)
+        cm = redraw_markers(prob, marker_threshold=args.interior_threshold, marker_erosion_px=args.erode)
         inst, _ = instances_from_contour(cm, 2, min_size=args.min_object_px)
         r = object_f1(truth, inst)
         rows.append({"image": case, "true_objects": int(len(np.unique(truth)) - 1),

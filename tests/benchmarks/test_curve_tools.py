@@ -58,6 +58,12 @@ def test_choose_min_object_picks_the_smallest_size_near_the_best():
     mod = _load_script("choose_min_object")
     assert mod.choose({10: 0.2, 500: 0.41, 1000: 0.415, 4000: 0.424}, 0.01) == 1000
     assert mod.choose({10: 0.2, 500: 0.41}, 0.0) == 500
+    # a grid of (size, marker_threshold, marker_erosion_px): the least change within the tolerance
+    grid = {(500, None, 0): 0.60, (500, 0.85, 8): 0.695, (1000, None, 0): 0.69, (2000, 0.85, 8): 0.70}
+    assert mod.choose(grid, 0.01) == (500, 0.85, 8)
+    assert mod.choose({(500, 0.85, 0): 0.7, (500, None, 4): 0.7, (500, 0.7, 0): 0.7}, 0.0) == (500, 0.7, 0)
+    flags = "--predict-set min_object_px=500 --predict-set marker_erosion_px=4"
+    assert mod.predict_set_flags((500, None, 4)) == flags
     truth = np.zeros((40, 40), np.int64)
     truth[5:25, 5:25] = 1
     pred = truth.copy()
@@ -65,22 +71,3 @@ def test_choose_min_object_picks_the_smallest_size_near_the_best():
     assert mod.score("obj_f1", truth, pred) < 1.0 and mod.score("obj_f1", truth, truth) == 1.0
 
 
-def test_object_errors_marker_variants():
-    object_errors = _load_script("object_errors")
-    # two glands (interior 1) joined by a 2-px interior bridge, boundary (2) around them
-    prob = np.zeros((3, 20, 40), dtype=np.float32)
-    prob[0] = 1.0
-    for x0 in (2, 24):
-        prob[:, 2:18, x0:x0 + 14] = np.array([0, 0, 1.0])[:, None, None]
-        prob[:, 4:16, x0 + 2:x0 + 12] = np.array([0, 0.9, 0.1])[:, None, None]
-    prob[:, 9:11, 14:26] = np.array([0, 0.6, 0.4])[:, None, None]  # the bridge, less sure
-    plain = object_errors.contour_class_map(prob, None, 0)
-    assert (plain == prob.argmax(0)).all()
-    from ldiffusion.data.targets import instances_from_contour
-
-    assert instances_from_contour(plain, 2, min_size=1)[0].max() == 1  # merged through the bridge
-    thr = object_errors.contour_class_map(prob, 0.7, 0)
-    assert instances_from_contour(thr, 2, min_size=1)[0].max() == 2  # the bridge is no marker
-    eroded = object_errors.contour_class_map(prob, None, 2)
-    assert instances_from_contour(eroded, 2, min_size=1)[0].max() == 2
-    assert ((eroded != 0) == (plain != 0)).all()  # erosion keeps every object pixel

@@ -96,3 +96,11 @@ def test_contour_target_end_to_end(synth_root, tmp_path):
     assert main(["predict", str(run), "--data", str(synth_root), "--split", "test", "--out", str(big),
                  "--no-progress", "--device", "cpu", "--set", "min_object_px=100000"]) == 0
     assert read_mask(big / f"{first}_inst.png").max() == 0 and read_mask(big / f"{first}.png").max() == 0
+    # the marker keys are inference-time keys too: a full-image erosion leaves every object marker-less,
+    # so each connected object is one instance, and the objects (the class map) do not change
+    eroded = tmp_path / "pred-eroded"
+    assert main(["predict", str(run), "--data", str(synth_root), "--split", "test", "--out", str(eroded),
+                 "--no-progress", "--device", "cpu", "--set", "marker_erosion_px=256",
+                 "--set", "marker_threshold=0.5"]) == 0
+    assert np.array_equal(read_mask(eroded / f"{first}.png") > 0, mask > 0)
+    assert read_mask(eroded / f"{first}_inst.png").max() <= inst.max()

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from ldiffusion.core.errors import InputError
-from ldiffusion.data.targets import components_per_class, contour_target, instances_from_contour
+from ldiffusion.data.targets import (
+    components_per_class,
+    contour_target,
+    instances_from_contour,
+    redraw_markers,
+)
 from ldiffusion.eval.instance import aji
 
 
@@ -78,3 +83,46 @@ def test_ignore_pixels_stay_ignored_and_bad_input_is_refused():
         contour_target(label, inst[:8], 1, 2)
     with pytest.raises(InputError, match="boundary_px"):
         contour_target(label, inst, 0, 2)
+
+
+def _bridged_glands() -> np.ndarray:
+    """(3, 20, 40) probabilities: two glands (interior 0.9) joined by a 2 px, less sure interior bridge."""
+    prob = np.zeros((3, 20, 40), dtype=np.float32)
+    prob[0] = 1.0
+    for x0 in (2, 24):
+        prob[:, 2:18, x0:x0 + 14] = np.array([0, 0, 1.0])[:, None, None]
+        prob[:, 4:16, x0 + 2:x0 + 12] = np.array([0, 0.9, 0.1])[:, None, None]
+    prob[:, 9:11, 14:26] = np.array([0, 0.6, 0.4])[:, None, None]
+    return prob
+
+
+def test_redraw_markers_cuts_an_interior_bridge():
+    prob = _bridged_glands()
+    plain = redraw_markers(prob)
+    assert (plain == prob.argmax(0)).all()  # no setting: the arg-max
+    assert instances_from_contour(plain, 2, min_size=1)[0].max() == 1  # merged through the bridge
+    thr = redraw_markers(prob, marker_threshold=0.7)
+    assert instances_from_contour(thr, 2, min_size=1)[0].max() == 2  # the unsure bridge is no marker
+    eroded = redraw_markers(prob, marker_erosion_px=2)
+    assert instances_from_contour(eroded, 2, min_size=1)[0].max() == 2  # the thin bridge is eroded away
+    for cm in (thr, eroded):
+        assert ((cm != 0) == (plain != 0)).all()  # every object pixel stays in an object
+
+
+def test_redraw_markers_keeps_interior_classes():
+    rng = np.random.default_rng(0)
+    prob = rng.dirichlet(np.ones(4), size=(16, 16)).transpose(2, 0, 1)  # background, 2 types, boundary
+    assert (redraw_markers(prob) == prob.argmax(0)).all()
+    cm = redraw_markers(prob, marker_threshold=0.3)
+    inside = (cm == 1) | (cm == 2)
+    assert inside.any()
+    assert (cm[inside] == prob[1:3].argmax(0)[inside] + 1).all()
+    assert (prob[1:3].sum(0)[inside] > 0.3).all()
+
+
+@pytest.mark.parametrize("kwargs", [{"marker_threshold": 0.0}, {"marker_threshold": 1.5},
+                                    {"marker_erosion_px": -1}])
+def test_redraw_markers_rejects_bad_settings(kwargs):
+    with pytest.raises(InputError):
+        redraw_markers(_bridged_glands(), **kwargs)
+

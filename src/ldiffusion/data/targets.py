@@ -7,6 +7,9 @@ between touching nuclei or glands with no change to its network (as in the three
 DCAN / HoVer-Net-style pipelines). `instances_from_contour` inverts it at prediction time: each
 connected interior region is a marker, and a watershed over the distance to the markers gives every
 boundary pixel back to the nearest object, so touching objects come out as separate instances.
+`redraw_markers` re-draws the interior of a predicted contour map from its probabilities before that
+step (a stricter interior threshold and / or eroded markers), to cut thin interior bridges that would
+merge two objects; both settings are inference-time keys chosen on validation.
 
 Arrays: class maps (H, W) integer, instance maps (H, W) integer (0 = no object).
 """
@@ -18,7 +21,7 @@ from scipy import ndimage as ndi
 
 from ldiffusion.core.errors import InputError
 
-__all__ = ["components_per_class", "contour_target", "instances_from_contour"]
+__all__ = ["components_per_class", "contour_target", "instances_from_contour", "redraw_markers"]
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -134,3 +137,50 @@ def instances_from_contour(class_map: np.ndarray, boundary_class: int, *, min_si
     ids = np.flatnonzero(keep)
     lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
     return lut[inst], cls[inst].astype(np.uint8)
+
+
+def redraw_markers(probs: np.ndarray, *, marker_threshold: float | None = None,
+                   marker_erosion_px: int = 0) -> np.ndarray:
+    """Class map of a contour prediction whose interior (the watershed markers) is re-drawn.
+
+    The objects stay those of the arg-max (every pixel whose arg-max is not background); only the
+    split between interior and boundary changes. With `marker_threshold` a pixel is interior where the
+    summed probability of the interior classes exceeds it (instead of where an interior class wins the
+    arg-max); with `marker_erosion_px` the interior is then eroded by a disc of that radius. Pixels
+    that leave the interior become boundary, so they stay in their object and `instances_from_contour`
+    hands them to the nearest marker. A bridge of interior pixels that is thinner than the erosion
+    diameter or less sure than the threshold no longer joins two markers. With neither setting the
+    result is the arg-max.
+
+    Args:
+        probs: (K + 1, H, W) class probabilities; channel 0 background, 1..K-1 the interior classes,
+            K the boundary.
+        marker_threshold: interior where p(interior classes) > this (0 < t <= 1); None: the arg-max.
+        marker_erosion_px: erosion radius in pixels of `probs` (0: none).
+
+    Returns:
+        (H, W) int64 class map 0..K; an interior pixel keeps its most probable interior class.
+
+    Example:
+        >>> p = np.zeros((3, 1, 5)); p[1] = [[0.0, 0.9, 0.6, 0.9, 0.0]]; p[2] = 1 - p[1]
+        >>> redraw_markers(p, marker_threshold=0.7).tolist()  # the unsure middle becomes boundary
+        [[2, 1, 2, 1, 2]]
+    """
+    probs = np.asarray(probs)
+    if probs.ndim != 3 or probs.shape[0] < 3:
+        raise InputError(f"contour probabilities must be (K + 1 >= 3, H, W), got shape {probs.shape}")
+    if marker_threshold is not None and not 0.0 < marker_threshold <= 1.0:
+        raise InputError(f"marker_threshold={marker_threshold} should be in (0, 1]")
+    if marker_erosion_px < 0:
+        raise InputError(f"marker_erosion_px={marker_erosion_px} should be >= 0")
+    boundary = probs.shape[0] - 1
+    class_map = probs.argmax(0).astype(np.int64)
+    objects = class_map != 0
+    if marker_threshold is None:
+        interior = objects & (class_map != boundary)
+    else:
+        interior = objects & (probs[1:boundary].sum(0) > marker_threshold)
+    if marker_erosion_px:
+        interior = ndi.binary_erosion(interior, structure=_disk(int(marker_erosion_px)))
+    interior_class = probs[1:boundary].argmax(0).astype(np.int64) + 1
+    return np.where(interior, interior_class, np.where(objects, boundary, 0))

@@ -24,7 +24,7 @@ from ldiffusion.core.errors import InputError
 from ldiffusion.core.io import atomic_write_bytes
 from ldiffusion.core.rng import derive_seed, make_generator
 from ldiffusion.data.format import IMAGE_SUFFIXES, find_images, read_dataset_info, read_image, write_png
-from ldiffusion.data.targets import instances_from_contour
+from ldiffusion.data.targets import instances_from_contour, redraw_markers
 from ldiffusion.infer.outputs import check_case_id, check_out_dir, claim_outputs, output_path
 from ldiffusion.infer.tiling import gaussian_weight, tile_starts
 from ldiffusion.methods.base import Segmenter
@@ -146,6 +146,21 @@ def _output_names(case_id: str, save_prob: bool, save_uncertainty: bool, segment
     return names
 
 
+def contour_instances(probs: np.ndarray, cfg: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Instances and class map of one contour prediction, built with the config's post-processing keys.
+
+    Args:
+        probs: (K + 1, H, W) probabilities (channel K the boundary).
+        cfg: a method config with `marker_threshold`, `marker_erosion_px` and `min_object_px`.
+
+    Returns:
+        (instances (H, W) int32, class map (H, W) uint8 over the data set's K classes).
+    """
+    class_map = redraw_markers(probs, marker_threshold=cfg.marker_threshold,
+                               marker_erosion_px=int(cfg.marker_erosion_px))
+    return instances_from_contour(class_map, probs.shape[0] - 1, min_size=int(cfg.min_object_px))
+
+
 def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequence[str | Path] | None = None,
                    data_root: str | Path | None = None, split: str = "test", tile_px: int | None = None,
                    overlap_px: int | None = None, batch_size: int = 4, seed: int = 0,
@@ -159,7 +174,8 @@ def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequenc
     Each image uses its own generator seeded with `derive_seed(seed, id)`, so results do not depend
     on the order or on which other images are predicted. All writes are atomic. A model trained with
     `target="contour"` also writes `<id>_inst.png` (uint16 instances from `data.targets.
-    instances_from_contour`, objects under the config's `min_object_px` dropped) and its `<id>.png`
+    instances_from_contour` after `redraw_markers` with the config's marker keys, objects under its
+    `min_object_px` dropped) and its `<id>.png`
     holds the data set's classes (boundary given back to the objects). `tta` averages the 8 flips /
     rotations of every tile.
 
@@ -205,8 +221,7 @@ def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequenc
                                            batch_size=batch_size, generator=gen, tta=tta), None
             mask = probs.argmax(0).numpy().astype(np.uint8)
             if contour:
-                inst, mask = instances_from_contour(mask, segmenter.num_classes - 1,
-                                                    min_size=int(segmenter.cfg.min_object_px))
+                inst, mask = contour_instances(probs.numpy(), segmenter.cfg)
                 write_png(output_path(out, f"{case_id}_inst.png"), inst.astype(np.uint16))
             write_png(output_path(out, f"{case_id}.png"), mask)
             write_png(output_path(out, f"{case_id}_overlay.png"), overlay(image, mask, palette))
@@ -220,5 +235,5 @@ def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequenc
     return done
 
 
-__all__ = ["collect_inputs", "default_palette", "gaussian_weight", "overlay", "predict_folder",
-           "predict_image", "tile_starts"]
+__all__ = ["collect_inputs", "contour_instances", "default_palette", "gaussian_weight", "overlay",
+           "predict_folder", "predict_image", "tile_starts"]

@@ -84,7 +84,13 @@ class MethodConfig(Config):
         boundary_px: width of the boundary band of `target="contour"`, in pixels.
         min_object_px: instances of a contour prediction smaller than this many pixels are dropped
             (`data.targets.instances_from_contour`); an inference-time key (`predict --set`), best chosen
-            on validation predictions (`benchmarks/choose_min_object.py`).
+            on validation predictions (`benchmarks/choose_min_object.py`). In the prediction's pixels
+            (the files' resolution, whatever `input_scale`).
+        marker_threshold, marker_erosion_px: re-draw the markers of a contour prediction before its
+            watershed (`data.targets.redraw_markers`): interior where the interior probability
+            exceeds the threshold (None: the arg-max), then eroded by a disc of this radius in the
+            prediction's pixels (0: none); cuts thin or unsure interior bridges that merge objects.
+            Inference-time keys, chosen on validation with `min_object_px`.
         contour_fallback: where a training image has no instance map (MoNuSeg: 17 of 30 in the public
             copy), the objects of its contour target are the "components" of each class (touching
             objects merge: no boundary between them is taught) or a "watershed" split of them (the
@@ -121,6 +127,8 @@ class MethodConfig(Config):
     target: Target = "semantic"
     boundary_px: int = 2
     min_object_px: int = 10
+    marker_threshold: float | None = None
+    marker_erosion_px: int = 0
     contour_fallback: ContourFallback = "components"
     contour_fallback_distance: int = 9
     input_scale: float = 1.0
@@ -144,6 +152,9 @@ class MethodConfig(Config):
         check_range("stain_bias", self.stain_bias, 0.0, 1.0)
         check_range("boundary_px", self.boundary_px, 1, 64)
         check_range("min_object_px", self.min_object_px, 0)
+        if self.marker_threshold is not None:
+            check_range("marker_threshold", self.marker_threshold, 0.0, 1.0, lo_open=True)
+        check_range("marker_erosion_px", self.marker_erosion_px, 0, 256)
         check_range("contour_fallback_distance", self.contour_fallback_distance, 1, 256)
         if self.max_minutes is not None:
             check_range("max_minutes", self.max_minutes, 0.0, lo_open=True)

@@ -53,19 +53,20 @@ def sweep(prob_dir: Path, data: Path, split: str, settings: list[Setting],
     """Mean validation score per post-processing setting, from the saved probabilities in `prob_dir`."""
     info = read_dataset_info(data)
     per: dict[Setting, list[float]] = {s: [] for s in settings}
-    markers = list(dict.fromkeys((t, e) for _, t, e in settings))
+    sizes_per_marker: dict[tuple[float | None, int], list[int]] = {}
+    for size, t, e in settings:
+        sizes_per_marker.setdefault((t, e), []).append(size)
     for case in info.ids(split):
         true_path = data / "instances" / f"{case}.png"
         if not true_path.is_file():
             continue  # no outlines for this image
         truth = read_mask(true_path).astype(np.int64)
         prob = np.load(prob_dir / f"{case}_prob.npy").astype(np.float32)
-        for t, e in markers:
+        for (t, e), sizes in sizes_per_marker.items():
             class_map = redraw_markers(prob, marker_threshold=t, marker_erosion_px=e)
-            for s in settings:
-                if s[1:] == (t, e):
-                    inst, _ = instances_from_contour(class_map, prob.shape[0] - 1, min_size=s[0])
-                    per[s].append(score(metric, truth, inst))
+            for size in sizes:
+                inst, _ = instances_from_contour(class_map, prob.shape[0] - 1, min_size=size)
+                per[(size, t, e)].append(score(metric, truth, inst))
     if not per[settings[0]]:
         raise SystemExit(f"error: no image of split {split!r} of {data} has an instance map")
     return {s: float(np.nanmean(v)) if not np.isnan(v).all() else 0.0 for s, v in per.items()}

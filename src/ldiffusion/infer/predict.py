@@ -219,10 +219,11 @@ def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequenc
             else:
                 probs, unc = predict_image(segmenter, image, tile_px=tile_px, overlap_px=overlap_px,
                                            batch_size=batch_size, generator=gen, tta=tta), None
-            mask = probs.argmax(0).numpy().astype(np.uint8)
             if contour:
                 inst, mask = contour_instances(probs.numpy(), segmenter.cfg)
                 write_png(output_path(out, f"{case_id}_inst.png"), inst.astype(np.uint16))
+            else:
+                mask = probs.argmax(0).numpy().astype(np.uint8)
             write_png(output_path(out, f"{case_id}.png"), mask)
             write_png(output_path(out, f"{case_id}_overlay.png"), overlay(image, mask, palette))
             if save_prob:

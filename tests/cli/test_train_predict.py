@@ -104,3 +104,17 @@ def test_contour_target_end_to_end(synth_root, tmp_path):
                  "--set", "marker_threshold=0.5"]) == 0
     assert np.array_equal(read_mask(eroded / f"{first}.png") > 0, mask > 0)
     assert read_mask(eroded / f"{first}_inst.png").max() <= inst.max()
+
+
+def test_separation_weight_trains_the_unet_and_is_refused_elsewhere(synth_root, tmp_path, capsys):
+    """--set separation_weight=W weights the U-Net's cross-entropy; other methods exit 2 naming the key."""
+    run = tmp_path / "run"
+    assert main(["train", "--method", "unet", "--data", str(synth_root), "--out", str(run),
+                 "--preset", "tiny", "--set", "steps=2", "--set", "val_every=2", "--set", "target=contour",
+                 "--set", "separation_weight=10", "--set", "separation_sigma_px=3", "--no-progress",
+                 "--device", "cpu"]) == 0
+    assert json.loads((run / "config.json").read_text())["config"]["separation_weight"] == 10
+    assert main(["train", "--method", "cdal", "--data", str(synth_root), "--out", str(tmp_path / "c"),
+                 "--preset", "tiny", "--set", "steps=2", "--set", "separation_weight=10", "--no-progress",
+                 "--device", "cpu"]) == 2
+    assert "separation_weight" in capsys.readouterr().err

@@ -114,3 +114,20 @@ def test_contour_fallback_splits_touching_objects_of_images_without_instances(sy
     assert (merged[neck][two[neck]] == 1).all()  # components: no boundary between the discs
     assert (split[neck] == k).any()  # watershed: a boundary band where they touch
     assert np.array_equal(split > 0, two) and np.array_equal(merged > 0, two)
+
+
+def test_separation_adds_a_weight_map_from_the_augmented_objects(synth_root: Path) -> None:
+    from ldiffusion.data.targets import contour_target, separation_weights
+
+    tf = TrainTransform(crop_px=48)
+    plain = SegmentationDataset(synth_root, "train", transform=tf, with_instances=True)[1]
+    item = SegmentationDataset(synth_root, "train", transform=tf, with_instances=True, contour_px=2,
+                               separation=(10.0, 4.0))[1]
+    assert "weight" not in plain and item["weight"].dtype == torch.float32
+    assert item["weight"].shape == item["label"].shape == (48, 48)
+    inst = item["inst"].numpy()
+    assert np.array_equal(inst, plain["inst"].numpy())  # the same crop: weights follow the augmentation
+    assert np.allclose(item["weight"].numpy(), separation_weights(inst, 10.0, 4.0))
+    k = SegmentationDataset(synth_root, "train").info.num_classes
+    assert np.array_equal(item["label"].numpy(), contour_target(plain["label"].numpy(), inst, 2, k))
+    assert "weight" not in SegmentationDataset(synth_root, "train", separation=(0.0, 4.0))[0]

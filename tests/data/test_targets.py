@@ -126,3 +126,24 @@ def test_redraw_markers_rejects_bad_settings(kwargs):
     with pytest.raises(InputError):
         redraw_markers(_bridged_glands(), **kwargs)
 
+
+
+def test_separation_weights_peak_in_the_gap_between_two_objects() -> None:
+    from ldiffusion.data.targets import separation_weights
+
+    shape = (40, 60)
+    inst = np.zeros(shape, np.int32)
+    inst[_disc(shape, 20, 15, 8)] = 1
+    inst[_disc(shape, 20, 35, 8)] = 2  # gap of 3 px at row 20 (x = 24..26)
+    w = separation_weights(inst, 10.0, 3.0)
+    assert w.dtype == np.float32 and w.shape == shape and (w >= 1).all()
+    gap = w[20, 25]
+    # mid-gap: d1 = d2 = 2 -> 1 + 10 exp(-16 / 18)
+    assert gap == pytest.approx(1 + 10 * np.exp(-16 / 18), rel=1e-5)
+    assert w[20, 25] > w[5, 25] and w[20, 25] > w[20, 2]  # above and beside the pair: little weight
+    assert w[0, 59] == 1.0  # farther than 3 sigma from any object: exactly 1
+    single = np.where(inst == 1, 1, 0)
+    assert (separation_weights(single, 10.0, 3.0) == 1).all()  # one object: no pair, no extra weight
+    assert (separation_weights(inst, 0.0, 3.0) == 1).all()
+    with pytest.raises(InputError):
+        separation_weights(inst, 1.0, 0.0)

@@ -94,7 +94,9 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
     split_distance = cfg.contour_fallback_distance if cfg.contour_fallback == "watershed" else None
     train_ds = SegmentationDataset(data, "train", transform=transform, seed=cfg.seed, annotated_ids=annotated,
                                    contour_px=contour_px, contour_split_distance=split_distance,
-                                   scale=cfg.input_scale)
+                                   scale=cfg.input_scale,
+                                   separation=(cfg.separation_weight, cfg.separation_sigma_px)
+                                   if cfg.separation_weight > 0 else None)
     val_contour_px, val_split = (full_resolution_px(v, cfg.input_scale) for v in (contour_px, split_distance))
     val_ds = (SegmentationDataset(data, "val", contour_px=val_contour_px, contour_split_distance=val_split)
               if has_val else None)

@@ -3,7 +3,8 @@
 Each item follows the batch contract::
 
     {"image": float32 (3, H, W) in [0, 1], "label": int64 (H, W) (ignore = 255), "id": str,
-     "annotated": bool, "inst": int64 (H, W) (only with `with_instances=True`)}
+     "annotated": bool, "inst": int64 (H, W) (only with `with_instances=True`),
+     "weight": float32 (H, W) (only with `separation`)}
 
 Augmentation randomness is a pure function of (seed, epoch, index): every item gets its own
 `torch.Generator` seeded with `derive_seed(seed, epoch, index)`, so results do not depend on
@@ -93,6 +94,10 @@ class SegmentationDataset(Dataset):
         scale: working resolution (the method's `input_scale`): every image, label and instance map
             is resized by it when loaded (`data.resample.resize_maps`), before augmentation and the
             contour target. 1 = the files' resolution.
+        separation: (w0, sigma) to add a per-pixel loss weight "weight" (H, W) float32 to each item:
+            `data.targets.separation_weights` of the (augmented) objects, high in the gaps between
+            neighbouring objects. The objects are the contour target's when `contour_px` is set,
+            else the instance map (or the components of each class where an image has none).
 
     Raises:
         DatasetFormatError: bad `dataset.json`, unknown split, an id of the split without an image
@@ -111,6 +116,7 @@ class SegmentationDataset(Dataset):
         contour_px: int | None = None,
         contour_split_distance: int | None = None,
         scale: float = 1.0,
+        separation: tuple[float, float] | None = None,
     ) -> None:
         self.root = Path(root)
         self._info = read_dataset_info(self.root)
@@ -134,6 +140,7 @@ class SegmentationDataset(Dataset):
         if not 0.0 < scale <= 1.0:
             raise ValueError(f"scale={scale} should be in (0, 1]")
         self.scale = float(scale)
+        self.separation = None if separation is None or separation[0] == 0 else tuple(map(float, separation))
         if contour_px is not None:
             missing = [i for i in self._ids if sample_path(self.root, "instances", i) is None]
             if missing:
@@ -186,7 +193,7 @@ class SegmentationDataset(Dataset):
         img_path, lab_path = self._path("images", case_id), self._path("labels", case_id)
         if self.with_instances:
             inst_path = self._path("instances", case_id)
-        elif self.contour_px is not None:  # the contour target falls back to components when absent
+        elif self.contour_px is not None or self.separation is not None:  # falls back to components
             inst_path = sample_path(self.root, "instances", case_id)
         else:
             inst_path = None
@@ -226,8 +233,17 @@ class SegmentationDataset(Dataset):
         if self.transform is not None:
             gen = make_generator(derive_seed(self.seed, self.epoch, index))
             image, label, inst = self.transform(image, label, inst, generator=gen)
+        if self.contour_px is not None or self.separation is not None:
+            inst = self._objects(label, inst)
+        weight = None
+        if self.separation is not None:
+            from ldiffusion.data.targets import separation_weights
+
+            weight = separation_weights(inst, *self.separation)
         if self.contour_px is not None:
-            label = self._contour(label, inst)
+            from ldiffusion.data.targets import contour_target
+
+            label = contour_target(label, inst, self.contour_px, self._info.num_classes, ignore_index=IGNORE)
         out: dict[str, Any] = {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0),
             "label": torch.from_numpy(label.astype(np.int64)),
@@ -236,22 +252,23 @@ class SegmentationDataset(Dataset):
         }
         if not annotated:
             out["label"].fill_(IGNORE)
+        if weight is not None:
+            out["weight"] = torch.from_numpy(weight)
         if inst is not None and self.with_instances:
             out["inst"] = torch.from_numpy(inst.astype(np.int64))
             if not annotated:
                 out["inst"].zero_()
         return out
 
-    def _contour(self, label: np.ndarray, inst: np.ndarray | None) -> np.ndarray:
-        """Return the contour target of one (augmented) sample: classes 0..K, K = boundary."""
-        from ldiffusion.data.targets import components_per_class, contour_target
+    def _objects(self, label: np.ndarray, inst: np.ndarray | None) -> np.ndarray:
+        """Return the objects of one (augmented) sample: its instance map, or the fallback without one."""
+        from ldiffusion.data.targets import components_per_class
 
-        assert self.contour_px is not None
-        if inst is None and self.contour_split_distance is not None:
+        if inst is not None:
+            return inst
+        if self.contour_px is not None and self.contour_split_distance is not None:
             from ldiffusion.eval.postprocess import instances_from_semantic
 
-            inst = instances_from_semantic(label, watershed=True, min_size=0, ignore_index=IGNORE,
+            return instances_from_semantic(label, watershed=True, min_size=0, ignore_index=IGNORE,
                                            min_distance=self.contour_split_distance)
-        elif inst is None:
-            inst = components_per_class(label, ignore_index=IGNORE)
-        return contour_target(label, inst, self.contour_px, self._info.num_classes, ignore_index=IGNORE)
+        return components_per_class(label, ignore_index=IGNORE)

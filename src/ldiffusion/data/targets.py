@@ -10,6 +10,9 @@ boundary pixel back to the nearest object, so touching objects come out as separ
 `redraw_markers` re-draws the interior of a predicted contour map from its probabilities before that
 step (a stricter interior threshold and / or eroded markers), to cut thin interior bridges that would
 merge two objects; both settings are inference-time keys chosen on validation.
+`separation_weights` is the training-side counterpart: the per-pixel loss weight of the U-Net paper
+(Ronneberger et al. 2015, eq. 2), large in the narrow gaps between neighbouring objects, where a
+merge is decided.
 
 Arrays: class maps (H, W) integer, instance maps (H, W) integer (0 = no object).
 """
@@ -21,7 +24,8 @@ from scipy import ndimage as ndi
 
 from ldiffusion.core.errors import InputError
 
-__all__ = ["components_per_class", "contour_target", "instances_from_contour", "redraw_markers"]
+__all__ = ["components_per_class", "contour_target", "instances_from_contour", "redraw_markers",
+           "separation_weights"]
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -73,6 +77,50 @@ def contour_target(label: np.ndarray, inst: np.ndarray, boundary_px: int, bounda
     band = (inst > 0) & ((lo != inst) | (hi != inst)) & (label != ignore_index)
     out = label.astype(np.promote_types(label.dtype, np.min_scalar_type(boundary_class)), copy=True)
     out[band] = boundary_class
+    return out
+
+
+def separation_weights(inst: np.ndarray, w0: float, sigma: float) -> np.ndarray:
+    """Return the (H, W) float32 loss weight 1 + w0 * exp(-(d1 + d2)^2 / (2 sigma^2)).
+
+    d1 and d2 are the Euclidean distances (px) of a pixel to the nearest and the second-nearest
+    object of `inst` (0 inside an object for its own). The weight is high in thin gaps between two
+    objects and on their touching borders, and 1 (to within exp(-4.5) w0) farther than 3 sigma from
+    any pair: the weight map of the U-Net paper (Ronneberger et al. 2015, eq. 2, without its class
+    balancing term). Each object's distances are computed in its bounding box grown by 3 sigma, so
+    the cost grows with the number of objects, not with their product with the image size.
+
+    Args:
+        inst: (H, W) instance ids (0 = no object).
+        w0: peak extra weight (>= 0; 0 gives all ones).
+        sigma: width of the decay in pixels (> 0).
+
+    Example:
+        >>> inst = np.zeros((1, 9), int); inst[0, :3] = 1; inst[0, 6:] = 2
+        >>> separation_weights(inst, 10.0, 2.0)[0].round(2).tolist()  # d1 + d2 = 4 from x = 2 to 6
+        [1.11, 1.44, 2.35, 2.35, 2.35, 2.35, 2.35, 1.44, 1.11]
+    """
+    if w0 < 0 or sigma <= 0:
+        raise InputError(f"separation weights: w0={w0} should be >= 0 and sigma={sigma} > 0")
+    inst = np.asarray(inst)
+    out = np.ones(inst.shape, dtype=np.float32)
+    if w0 == 0 or inst.max() <= 0:
+        return out
+    reach = int(np.ceil(3 * sigma))
+    d1 = np.full(inst.shape, np.inf, dtype=np.float32)
+    d2 = np.full(inst.shape, np.inf, dtype=np.float32)
+    for i, box in enumerate(ndi.find_objects(inst), start=1):
+        if box is None:
+            continue
+        win = tuple(slice(max(0, b.start - reach), min(n, b.stop + reach))
+                    for b, n in zip(box, inst.shape, strict=True))
+        d = ndi.distance_transform_edt(inst[win] != i).astype(np.float32)
+        d[d > reach] = np.inf
+        a, b = d1[win], d2[win]
+        d2[win] = np.minimum(b, np.maximum(a, d))
+        d1[win] = np.minimum(a, d)
+    near = np.isfinite(d2)
+    out[near] += np.float32(w0) * np.exp(-((d1[near] + d2[near]) ** 2) / np.float32(2 * sigma * sigma))
     return out
 
 

@@ -96,6 +96,12 @@ class MethodConfig(Config):
             objects merge: no boundary between them is taught) or a "watershed" split of them (the
             distance-transform watershed of `evaluate --watershed`, markers at least
             `contour_fallback_distance` px apart): an estimate of the boundaries the outlines would give.
+        separation_weight, separation_sigma_px: per-pixel weight of the cross-entropy,
+            1 + w0 exp(-(d1 + d2)^2 / (2 sigma^2)) with w0 = `separation_weight` and d1, d2 the
+            distances to the nearest and second-nearest object (`data.targets.separation_weights`,
+            the U-Net paper's map): the gaps between neighbouring objects, where a merge is decided,
+            weigh up to 1 + w0. 0 = off. Training only; sigma in working pixels. Only methods with
+            `supports_pixel_weights` (the U-Net) use it; others refuse a non-zero weight.
         input_scale: working resolution as a fraction of the data's (0 < s <= 1): training images,
             labels and instance maps are resized by s when loaded (`data.resample`), and prediction
             resizes each image by s, predicts, and resizes the probabilities back, so outputs keep the
@@ -131,6 +137,8 @@ class MethodConfig(Config):
     marker_erosion_px: int = 0
     contour_fallback: ContourFallback = "components"
     contour_fallback_distance: int = 9
+    separation_weight: float = 0.0
+    separation_sigma_px: float = 5.0
     input_scale: float = 1.0
     num_workers: int = 0
 
@@ -156,6 +164,8 @@ class MethodConfig(Config):
             check_range("marker_threshold", self.marker_threshold, 0.0, 1.0, lo_open=True)
         check_range("marker_erosion_px", self.marker_erosion_px, 0, 256)
         check_range("contour_fallback_distance", self.contour_fallback_distance, 1, 256)
+        check_range("separation_weight", self.separation_weight, 0.0, 1000.0)
+        check_range("separation_sigma_px", self.separation_sigma_px, 0.0, 256.0, lo_open=True)
         if self.max_minutes is not None:
             check_range("max_minutes", self.max_minutes, 0.0, lo_open=True)
         if self.grad_clip is not None:
@@ -215,6 +225,8 @@ class Trainable(nn.Module, ABC):
     #: config keys that set the optimiser-step count of each stage (a method whose `steps` means
     #: something else, such as L-Diffusion's T, lists its per-stage keys here).
     stage_step_keys: ClassVar[tuple[str, ...]] = ("steps",)
+    #: whether `training_step` weighs its loss by the batch's per-pixel "weight" (`separation_weight`).
+    supports_pixel_weights: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig, num_classes: int, in_channels: int = 3,
                  class_names: Sequence[str] | None = None) -> None:
@@ -224,6 +236,9 @@ class Trainable(nn.Module, ABC):
                               f"got {type(cfg).__name__}")
         if num_classes < 1:
             raise ConfigError(f"num_classes={num_classes} should be >= 1")
+        if getattr(cfg, "separation_weight", 0.0) > 0 and not self.supports_pixel_weights:
+            raise ConfigError(f"separation_weight={cfg.separation_weight}: method {self.name!r} does not use "
+                              "per-pixel loss weights (only 'unet' does); leave it at 0")
         self.cfg = cfg
         self.num_classes = int(num_classes)
         self.in_channels = int(in_channels)
@@ -239,7 +254,8 @@ class Trainable(nn.Module, ABC):
 
         Args:
             batch: collated batch (`image` (B, 3, H, W) float32 in [0, 1] on the device, `label`
-                (B, H, W) int64, `id` list[str], `annotated` (B,) bool).
+                (B, H, W) int64, `id` list[str], `annotated` (B,) bool; `weight` (B, H, W) float32
+                with `separation_weight` > 0).
             generator: generator for every random draw of this step.
             stage: name of the current `Stage`.
 

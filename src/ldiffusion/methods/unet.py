@@ -1,5 +1,8 @@
 """The U-Net baseline (`"unet"`): a U-Net trained with cross-entropy + soft Dice, Adam.
 
+The cross-entropy takes the batch's per-pixel "weight" when `separation_weight` > 0 (the U-Net
+paper's weight map, `data.targets.separation_weights`).
+
 `encoder="plain"` is the Ronneberger-style `nets.SegUNet` (the `tiny` preset); `encoder="resnet18"`
 (the `small` and `paper` presets) is `nets.ResUNet`, a ResNet-18-encoder U-Net with 5 levels down
 to 1/32, the layout of the library U-Nets that pathology groups use as their baseline.
@@ -45,11 +48,26 @@ class UNetConfig(MethodConfig):
         check_range("dice_weight", self.dice_weight, 0.0)
 
 
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                           weight: torch.Tensor | None, ignore_index: int = 255) -> torch.Tensor:
+    """Return the cross-entropy of (B, K, H, W) logits and (B, H, W) targets, weighted per pixel.
+
+    With `weight` (B, H, W) the mean is sum(w * ce) / sum(w) over the labelled pixels, so all-ones
+    weights give `F.cross_entropy` and the loss keeps its scale whatever the weights' level.
+    """
+    if weight is None:
+        return F.cross_entropy(logits, target, ignore_index=ignore_index)
+    ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+    w = weight.to(ce.dtype) * (target != ignore_index)
+    return (w * ce).sum() / w.sum().clamp_min(1e-12)
+
+
 class UNetMethod(Segmenter):
     """U-Net baseline segmenter: logits = SegUNet(preprocess(x)); loss = w_ce*CE + w_dice*softDice."""
 
     name: ClassVar[str] = "unet"
     config_cls: ClassVar[type[MethodConfig]] = UNetConfig
+    supports_pixel_weights: ClassVar[bool] = True
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": {"base": 8, "depth": 3, "crop_px": 64, "batch_size": 4, "lr": 3e-3, "steps": 60,
                  "val_every": 20, "ckpt_every": 20},
@@ -87,7 +105,7 @@ class UNetMethod(Segmenter):
         logits = self(batch["image"])
         target = batch["label"]
         if bool((target != 255).any()):
-            ce = F.cross_entropy(logits.float(), target, ignore_index=255)
+            ce = weighted_cross_entropy(logits.float(), target, batch.get("weight"))
         else:
             ce = logits.sum() * 0.0
         dice = soft_dice_loss(logits, target, ignore_index=255)

@@ -71,3 +71,23 @@ def test_choose_min_object_picks_the_smallest_size_near_the_best():
     assert mod.score("obj_f1", truth, pred) < 1.0 and mod.score("obj_f1", truth, truth) == 1.0
 
 
+
+
+def test_object_errors_names_the_cause_of_each_unmatched_true_object(tmp_path):
+    errors = _load_script("object_errors")
+    truth = np.zeros((20, 40), np.int32)
+    truth[2:8, 2:8] = 1  # matched exactly
+    truth[2:8, 12:18] = 2
+    truth[2:8, 19:25] = 3  # 2 and 3 merged into one prediction
+    truth[10:18, 2:18] = 4  # split in two halves
+    truth[10:18, 25:35] = 5  # missed
+    pred = np.zeros_like(truth)
+    pred[2:8, 2:8] = 1
+    pred[2:8, 12:25] = 2
+    pred[10:18, 2:10] = 3
+    pred[10:18, 10:18] = 4
+    counts = errors.truth_errors(truth, pred)
+    assert counts == {"matched": 1, "merged": 2, "split": 1, "missed": 1, "shape": 0}
+    grades = tmp_path / "Grade.csv"
+    grades.write_text("name,patient ID, grade (GlaS)\ntrain_1,1, benign\ntrain_2,1, malignant\n")
+    assert errors.read_grades(grades) == {"train_1": "benign", "train_2": "malignant"}

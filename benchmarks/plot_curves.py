@@ -4,7 +4,9 @@ Each result row is one point: a snapshot row (`--snapshot-minutes`) at its snaps
 at the run's `--max-minutes` budget. `--max-minutes` caps each training stage, so a method of several
 stages (L-Diffusion: autoencoder, diffusion, segmenter) is placed at N x the budget with
 `--stages ldiffusion=3`. A tag ending in `curve` or `curve-<M>` names one line: the runs of one curve
-share it. One line per method (and tag), one panel per metric, one figure per call (one data set each).
+share it; `--by-method` joins all runs of a method into one line whatever their tags. A run without
+`--max-minutes` whose stages have their own budgets (`--set ldiffusion:ae_max_minutes=4` and the
+like) is placed at the sum of those budgets. One panel per metric, one figure per call (one data set).
 
 Example:
     python benchmarks/plot_curves.py benchmarks/results/2026-12-05-consep-*-curve.json \\
@@ -31,11 +33,21 @@ def _budget_minutes(res: dict[str, Any], entry: dict[str, Any]) -> float | None:
     if res.get("max_minutes") is not None:
         return float(res["max_minutes"])
     found = re.search(r"--max-minutes (\S+)", res.get("command", ""))
-    return float(found.group(1)) if found else None
+    if found:
+        return float(found.group(1))
+    stage_budgets = [float(v) for k, _, v in (o.partition("=") for o in res.get("overrides", []))
+                     if k.startswith(f"{entry.get('method')}:") and k.endswith("_max_minutes")]
+    return sum(stage_budgets) if stage_budgets else None
 
 
-def points(files: list[Path], split: str, metric: str,
-           stages: dict[str, int] | None = None) -> dict[str, list[tuple[float, float]]]:
+def _is_stage_total(res: dict[str, Any], entry: dict[str, Any]) -> bool:
+    """True when a full row's minutes are the sum of per-stage budgets (never scaled by `stages`)."""
+    return res.get("max_minutes") is None and not re.search(r"--max-minutes ", res.get("command", "")) \
+        and _budget_minutes(res, entry) is not None
+
+
+def points(files: list[Path], split: str, metric: str, stages: dict[str, int] | None = None,
+           by_method: bool = False) -> dict[str, list[tuple[float, float]]]:
     """Return {line label: [(minutes, score %), ...] sorted by minutes} over the result files.
 
     `stages` maps a method to its number of budgeted stages (full rows are placed at that many times
@@ -49,9 +61,9 @@ def points(files: list[Path], split: str, metric: str,
             minutes = _budget_minutes(res, e)
             if score is None or minutes is None:
                 continue
-            if e.get("snapshot_minutes") is None:
+            if e.get("snapshot_minutes") is None and not _is_stage_total(res, e):
                 minutes *= (stages or {}).get(e["method"], 1)
-            tag = re.sub(r"-?curve(-[0-9.]+)?$", "", e.get("tag") or "")
+            tag = "" if by_method else re.sub(r"-?curve(-[0-9.]+)?$", "", e.get("tag") or "")
             label = e["method"] + (f" ({tag})" if tag else "")
             lines[label].append((minutes, 100.0 * score))
     return {k: sorted(v) for k, v in sorted(lines.items())}
@@ -66,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", nargs="+", default=[], metavar="METHOD=N",
                    help="budgeted training stages of a method (e.g. ldiffusion=3): its full rows are placed "
                         "at N x --max-minutes")
+    p.add_argument("--by-method", action="store_true", help="one line per method, whatever the runs' tags")
     p.add_argument("--out", type=Path, required=True, help="image file (.svg or .png)")
     args = p.parse_args(argv)
     stages: dict[str, int] = {}
@@ -81,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fig, axes = plt.subplots(1, len(args.metrics), figsize=(4.2 * len(args.metrics), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], args.metrics, strict=True):
-        for label, pts in points(args.files, args.split, metric, stages).items():
+        for label, pts in points(args.files, args.split, metric, stages, args.by_method).items():
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="o", label=label)
             print(f"{metric} {label}: " + ", ".join(f"{x:g} min {y:.1f}" for x, y in pts))

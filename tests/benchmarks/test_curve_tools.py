@@ -54,7 +54,8 @@ def test_plot_curves_points(tmp_path):
     assert [round(m, 2) for m, _ in got["ldiffusion (nostain)"]] == [9.99, 30.0]
     # per-stage budgets (no --max-minutes): placed at their sum, never scaled; --by-method joins the tags
     (tmp_path / "c.json").write_text(json.dumps({
-        "command": "python benchmarks/accuracy.py --tag segimg-2-1.5-6.5", "overrides": ["ldiffusion:ae_max_minutes=2", "ldiffusion:diffusion_max_minutes=1.5",
+        "command": "python benchmarks/accuracy.py --tag segimg-2-1.5-6.5",
+        "overrides": ["ldiffusion:ae_max_minutes=2", "ldiffusion:diffusion_max_minutes=1.5",
                       "ldiffusion:seg_max_minutes=6.5", "ldiffusion:seg_steps=100000"],
         "results": [{"method": "ldiffusion", "tag": "segimg-2-1.5-6.5", "scores": {"test": {"dice": 0.7}}}]}))
     got = plot_curves.points([tmp_path / "b.json", tmp_path / "c.json"], "test", "dice", {"ldiffusion": 3},

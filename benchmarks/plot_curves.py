@@ -27,23 +27,18 @@ LABELS = {"dice": "Dice %", "miou": "mIoU %", "aji": "AJI %", "pq": "PQ %", "obj
           "obj_dice": "object Dice %"}
 
 
-def _budget_minutes(res: dict[str, Any], entry: dict[str, Any]) -> float | None:
+def _budget_minutes(res: dict[str, Any], entry: dict[str, Any]) -> tuple[float | None, bool]:
+    """Return (minutes, whether they are one stage's budget, to be scaled by `--stages`) of a row."""
     if entry.get("snapshot_minutes") is not None:
-        return float(entry["snapshot_minutes"])
+        return float(entry["snapshot_minutes"]), False
     if res.get("max_minutes") is not None:
-        return float(res["max_minutes"])
+        return float(res["max_minutes"]), True
     found = re.search(r"--max-minutes (\S+)", res.get("command", ""))
     if found:
-        return float(found.group(1))
+        return float(found.group(1)), True
     stage_budgets = [float(v) for k, _, v in (o.partition("=") for o in res.get("overrides", []))
                      if k.startswith(f"{entry.get('method')}:") and k.endswith("_max_minutes")]
-    return sum(stage_budgets) if stage_budgets else None
-
-
-def _is_stage_total(res: dict[str, Any], entry: dict[str, Any]) -> bool:
-    """True when a full row's minutes are the sum of per-stage budgets (never scaled by `stages`)."""
-    return res.get("max_minutes") is None and not re.search(r"--max-minutes ", res.get("command", "")) \
-        and _budget_minutes(res, entry) is not None
+    return (sum(stage_budgets), False) if stage_budgets else (None, False)
 
 
 def points(files: list[Path], split: str, metric: str, stages: dict[str, int] | None = None,
@@ -58,10 +53,10 @@ def points(files: list[Path], split: str, metric: str, stages: dict[str, int] | 
         res = json.loads(f.read_text())
         for e in res.get("results", []):
             score = e.get("scores", {}).get(split, {}).get(metric)
-            minutes = _budget_minutes(res, e)
+            minutes, per_stage = _budget_minutes(res, e)
             if score is None or minutes is None:
                 continue
-            if e.get("snapshot_minutes") is None and not _is_stage_total(res, e):
+            if per_stage:
                 minutes *= (stages or {}).get(e["method"], 1)
             tag = "" if by_method else re.sub(r"-?curve(-[0-9.]+)?$", "", e.get("tag") or "")
             label = e["method"] + (f" ({tag})" if tag else "")

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from ldiffusion.core.errors import DatasetFormatError, InputError
 from ldiffusion.core.rng import derive_seed, make_generator
 from ldiffusion.data.format import IMAGE_SUFFIXES, DatasetInfo, read_dataset_info, read_image, read_mask
+from ldiffusion.data.targets import components_per_class, contour_target, separation_weights
 from ldiffusion.data.transforms import TrainTransform
 
 logger = logging.getLogger(__name__)
@@ -237,12 +238,8 @@ class SegmentationDataset(Dataset):
             inst = self._objects(label, inst)
         weight = None
         if self.separation is not None:
-            from ldiffusion.data.targets import separation_weights
-
             weight = separation_weights(inst, *self.separation)
         if self.contour_px is not None:
-            from ldiffusion.data.targets import contour_target
-
             label = contour_target(label, inst, self.contour_px, self._info.num_classes, ignore_index=IGNORE)
         out: dict[str, Any] = {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0),
@@ -262,8 +259,6 @@ class SegmentationDataset(Dataset):
 
     def _objects(self, label: np.ndarray, inst: np.ndarray | None) -> np.ndarray:
         """Return the objects of one (augmented) sample: its instance map, or the fallback without one."""
-        from ldiffusion.data.targets import components_per_class
-
         if inst is not None:
             return inst
         if self.contour_px is not None and self.contour_split_distance is not None:

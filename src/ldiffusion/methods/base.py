@@ -236,7 +236,7 @@ class Trainable(nn.Module, ABC):
                               f"got {type(cfg).__name__}")
         if num_classes < 1:
             raise ConfigError(f"num_classes={num_classes} should be >= 1")
-        if getattr(cfg, "separation_weight", 0.0) > 0 and not self.supports_pixel_weights:
+        if cfg.separation_weight > 0 and not self.supports_pixel_weights:
             raise ConfigError(f"separation_weight={cfg.separation_weight}: method {self.name!r} does not use "
                               "per-pixel loss weights (only 'unet' does); leave it at 0")
         self.cfg = cfg

@@ -126,3 +126,42 @@ def test_crash_between_batch_file_and_state_resumes_identically(tmp_path, monkey
     assert 0 < m2.batches_done < len(m2.batches)
     _run(m2, lambda t: probs[t.index])
     np.testing.assert_array_equal(np.asarray(m2.labels[:]), np.asarray(ref.labels[:]))
+
+
+def _redraw_probs(h: int, w: int) -> np.ndarray:
+    """(3, h, w) contour probabilities: blobs whose interiors touch through thin bridges."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w]
+    interior = np.zeros((h, w), np.float32)
+    for cy, cx in rng.integers(10, [h - 10, w - 10], size=(12, 2)):
+        interior = np.maximum(interior, np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 120.0))
+    obj = (interior > 0.2).astype(np.float32) * 0.9 + 0.05
+    p_int = obj * np.clip(interior * 1.3, 0.0, 1.0)
+    return np.stack([1.0 - obj, p_int, obj - p_int]).astype(np.float32)
+
+
+def test_relabelled_chunks_match_the_whole_map_whatever_the_chunk_borders(tmp_path):
+    from ldiffusion.data.targets import redraw_markers
+
+    H, W = 150, 190
+    probs = _redraw_probs(H, W)
+    erode = lambda p: redraw_markers(p, marker_erosion_px=4)  # noqa: E731
+    whole = erode(probs)
+    tiles = tile_grid(W, H, 48, 12)
+
+    def crop(t):
+        out = np.zeros((3, t.h, t.w), np.float32)
+        sub = probs[:, t.y : t.y + t.h, t.x : t.x + t.w]
+        out[:, : sub.shape[1], : sub.shape[2]] = sub
+        return out
+
+    m = TileMerger(tmp_path / "w", W, H, 3, tiles, 3, chunk_px=32, labels_fn=erode, margin_px=4)
+    _run(m, crop)
+    assert m.done and not list((tmp_path / "w" / "tiles").iterdir())  # batch files still cleaned up
+    np.testing.assert_array_equal(np.asarray(m.labels[:]), whole)
+    # without the margin the erosion eats into every chunk border: the map is not the whole one
+    m0 = TileMerger(tmp_path / "w0", W, H, 3, tiles, 3, chunk_px=32, labels_fn=erode, margin_px=0)
+    _run(m0, crop)
+    assert (np.asarray(m0.labels[:]) != whole).any()
+    with pytest.raises(InputError, match="margin_px"):
+        TileMerger(tmp_path / "w1", W, H, 3, tiles, 3, margin_px=-1)

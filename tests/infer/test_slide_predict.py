@@ -279,7 +279,9 @@ def test_cli_slide_predict(tmp_path, monkeypatch):
     tifffile.imwrite(tmp_path / "cli.tif", img, photometric="rgb")
     import ldiffusion.methods as methods
 
-    monkeypatch.setattr(methods, "load_segmenter", lambda run, device: ConstantModel())
+    seen = []
+    monkeypatch.setattr(methods, "load_segmenter",
+                        lambda run, device, overrides=(): seen.append(list(overrides)) or ConstantModel())
     rc = main(
         [
             "slide",
@@ -299,9 +301,12 @@ def test_cli_slide_predict(tmp_path, monkeypatch):
             "--no-progress",
             "--device",
             "cpu",
+            "--set",
+            "min_object_px=500",
         ]
     )
     assert rc == 0
+    assert seen == [["min_object_px=500"]]  # --set reaches the model, as in `predict`
     assert (tmp_path / "o" / "cli" / "done.json").is_file()
     assert main(["slide", "predict", str(tmp_path / "run"), "--out", str(tmp_path / "o")]) == 2
 
@@ -396,3 +401,57 @@ def test_uncertainty_pyramid_is_the_normalised_entropy(slide_path, tmp_path):
     predict_slide(PositionModel(), slide_path, tmp_path / "b", formats="uncertainty", **FAST)
     certain, _ = read_levels(tmp_path / "b" / "synthetic" / "uncertainty.ome.tif")
     assert all((lv == 0).all() for lv in certain)
+
+
+class ContourModel:
+    """A contour-target model that reads its probabilities from the image: red = p(object),
+    blue = p(interior | object); classes background, gland, boundary."""
+
+    num_classes = 3
+    class_names = ("background", "gland", "boundary")
+
+    def __init__(self, **post):
+        keys = {"target": "contour", "boundary_px": 2, "marker_threshold": None, "marker_erosion_px": 0,
+                "min_object_px": 10, "input_scale": 1.0, **post}
+        self.cfg = type("Cfg", (), keys)()
+
+    def predict_proba(self, images, *, generator=None):
+        obj, inner = images[:, 0], images[:, 2]
+        return torch.stack([1 - obj, obj * inner, obj * (1 - inner)], 1)
+
+
+def contour_slide():
+    """Two glands whose interiors touch through a thin, unsure bridge (p(interior) 0.6 there)."""
+    img = np.zeros((200, 300, 3), np.uint8)
+    img[40:160, 30:270, 0] = 255  # one object region ...
+    img[40:160, 30:270, 2] = 25  # ... mostly boundary-like,
+    img[50:150, 40:140, 2] = 230  # two sure interiors
+    img[50:150, 160:260, 2] = 230
+    img[95:105, 140:160, 2] = 153  # joined by a thin bridge that the arg-max calls interior
+    return img
+
+
+def test_slide_contour_postprocessing_matches_predict(tmp_path):
+    from ldiffusion.data.targets import redraw_markers
+
+    img = contour_slide()
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    probs = ContourModel().predict_proba(x)[0].numpy()
+    kw = {"tile_px": 64, "overlap_px": 16, "batch_size": 4, "progress": False, "tissue": False,
+          "chunk_px": 64, "formats": "ome-tiff,geojson"}
+    counts, areas = {}, {}
+    for name, post in {"argmax": {}, "threshold": {"marker_threshold": 0.7},
+                       "eroded": {"marker_threshold": 0.7, "marker_erosion_px": 5},
+                       "min-size": {"marker_threshold": 0.7, "min_object_px": 20000}}.items():
+        model = ContourModel(**post)
+        predict_slide(model, ArraySlide(img, mpp=0.5, path="glands.tif"), tmp_path / name, **kw)
+        levels, _ = read_levels(tmp_path / name / "glands" / "labels.ome.tif")
+        expected = redraw_markers(probs, marker_threshold=model.cfg.marker_threshold,
+                                  marker_erosion_px=model.cfg.marker_erosion_px)
+        np.testing.assert_array_equal(levels[0], expected)  # chunk borders change nothing
+        feats = json.loads((tmp_path / name / "glands" / "annotations.geojson").read_text())["features"]
+        counts[name] = len(feats)
+        areas[name] = sorted(shapely.geometry.shape(f["geometry"]).area for f in feats)  # level-0 px
+    assert counts == {"argmax": 1, "threshold": 2, "eroded": 2, "min-size": 0}
+    # markers grown back by boundary_px (+ the erosion): each gland is its 100 px interior + 2 px
+    assert areas["threshold"] == areas["eroded"] == [104 * 104, 104 * 104]

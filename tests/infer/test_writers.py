@@ -155,3 +155,13 @@ def test_contour_geojson_one_polygon_per_object_grown_over_the_boundary(tmp_path
     feats = json.loads(path.read_text())["features"]
     areas = sorted(shapely.geometry.shape(f["geometry"]).area for f in feats)
     assert areas == [20 * 22, 20 * 22]  # interiors (16 x 18) grown by 2 px give the objects back
+
+
+def test_geojson_drops_polygons_under_the_minimum_area(tmp_path):
+    labels = np.zeros((40, 60), np.uint8)
+    labels[5:25, 5:25] = 1  # 400 px
+    labels[30:33, 40:43] = 1  # 9 px
+    pal = np.array([[0, 0, 0], [255, 0, 0]], np.uint8)
+    path = tmp_path / "a.geojson"
+    assert write_geojson(path, labels, ["background", "gland"], pal, min_area_px=10) == {"gland": 1}
+    assert write_geojson(path, labels, ["background", "gland"], pal) == {"gland": 2}

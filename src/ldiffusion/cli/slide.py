@@ -76,6 +76,11 @@ def predict(
         None, "--shard", help="i/N: predict every N-th slide from the i-th (job arrays)."
     ),
     scheduler: str = typer.Option(None, "--scheduler", help="Dask scheduler tcp://host:port (extra 'dask')."),
+    set_: list[str] = typer.Option(
+        None, "--set", help="Inference-time config change key=value (repeatable), as in `predict`: e.g. the "
+        "contour post-processing chosen on validation, marker_threshold=0.85 marker_erosion_px=12 "
+        "min_object_px=1000 (applied to labels.ome.tif and the GeoJSON polygons as `predict` applies them)."
+    ),
     device: str = DEVICE,
     seed: int = SEED,
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bars."),
@@ -117,16 +122,17 @@ def predict(
         coords=coords,
         seed=seed,
         target_mpp=target_mpp,
-        model_fingerprint=run_fingerprint(run),
+        model_fingerprint=run_fingerprint(run, list(set_ or [])),
         max_bytes=max_memory * 1024**3 if max_memory > 0 else None,
     )
     if scheduler:
-        results = predict_slides_dask(scheduler, RunLoader(str(run), device), jobs, out, **kwargs)
+        loader = RunLoader(str(run), device, tuple(set_ or ()))
+        results = predict_slides_dask(scheduler, loader, jobs, out, **kwargs)
     else:
         from ldiffusion.core.device import resolve_device
         from ldiffusion.methods import load_segmenter
 
-        segmenter = load_segmenter(run, resolve_device(device))
+        segmenter = load_segmenter(run, resolve_device(device), overrides=list(set_ or []))
         results = run_slides(segmenter, jobs, out, progress=not no_progress, **kwargs)  # type: ignore[arg-type]
     done = sum(not r.skipped for r in results)
     print(f"{done} slides predicted, {len(results) - done} already finished; outputs in {out}")

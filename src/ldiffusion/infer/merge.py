@@ -27,7 +27,7 @@ import itertools
 import logging
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,11 @@ class TileMerger:
         keep_tiles: keep batch files after finalisation (debugging, `blend_region` over everything).
         uncertainty: also finalise `uncertainty.zarr` (uint8, 255 = 1): the normalised entropy of the
             blended probabilities (`uncertainty_from_blend`).
+        labels_fn: turns blended probabilities (K, h, w) (zeros where no tile) into (h, w) labels in
+            place of the arg-max; it may look at neighbours up to `margin_px` away (e.g. an erosion).
+        margin_px: each chunk is relabelled from a region grown by this many pixels (clipped to the
+            map) and cut back, so the result does not depend on where the chunk borders lie; a chunk
+            row is finalised only once the tiles of its margin are in.
     """
 
     def __init__(
@@ -91,11 +96,16 @@ class TileMerger:
         sigma_scale: float = 0.125,
         keep_tiles: bool = False,
         uncertainty: bool = False,
+        labels_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+        margin_px: int = 0,
     ) -> None:
         if any(b.y < a.y for a, b in itertools.pairwise(tiles)):
             raise InputError("tiles must be in row-major order (non-decreasing y)")
         if batch_size < 1:
             raise InputError(f"batch_size={batch_size} should be >= 1")
+        if margin_px < 0:
+            raise InputError(f"margin_px={margin_px} should be >= 0")
+        self.labels_fn, self.margin_px = labels_fn, int(margin_px)
         self.work_dir = Path(work_dir)
         self.width, self.height, self.num_classes = int(width), int(height), int(num_classes)
         self.tiles = list(tiles)
@@ -117,6 +127,7 @@ class TileMerger:
             "sigma_scale": sigma_scale,
             "tiles": [[t.x, t.y, t.w, t.h] for t in self.tiles],
             **({"uncertainty": True} if uncertainty else {}),
+            **({"margin_px": self.margin_px} if self.margin_px else {}),
             **(params or {}),
         }
         self._weights: dict[int, np.ndarray] = {}
@@ -232,8 +243,8 @@ class TileMerger:
         """Rows that no pending tile touches, rounded down to whole chunk rows (all rows when done)."""
         if self.batches_done >= len(self.batches):
             return self.height
-        next_y = int(self.tiles[self.batches[self.batches_done][0]].y)
-        return min((next_y // self.chunk_px) * self.chunk_px, self.height)
+        next_y = int(self.tiles[self.batches[self.batches_done][0]].y) - self.margin_px
+        return max(0, min((next_y // self.chunk_px) * self.chunk_px, self.height))
 
     def _advance(self) -> None:
         target = self._final_rows()
@@ -244,13 +255,27 @@ class TileMerger:
                 x1 = min(x0 + c, self.width)
                 # batch files are memory-mapped per block and released right after, so the
                 # resident memory stays at a few tiles whatever the slide width
-                acc, wsum = self.blend_region(x0, y0, x1, y1)
-                self.labels[y0:y1, x0:x1] = labels_from_blend(acc, wsum)
+                self.labels[y0:y1, x0:x1], acc, wsum = self._chunk_labels(x0, y0, x1, y1)
                 if self.uncertainty is not None:
                     self.uncertainty[y0:y1, x0:x1] = uncertainty_from_blend(acc, wsum)
         self.rows_done = max(self.rows_done, target)
         self._save_state()
         self._cleanup()
+
+    def _chunk_labels(self, x0: int, y0: int, x1: int, y1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Labels (h, w) uint8 of one chunk, with its blend `(acc (K, h, w), wsum (h, w))`."""
+        if self.labels_fn is None:
+            acc, wsum = self.blend_region(x0, y0, x1, y1)
+            return labels_from_blend(acc, wsum), acc, wsum
+        m = self.margin_px
+        px0, py0 = max(0, x0 - m), max(0, y0 - m)
+        px1, py1 = min(self.width, x1 + m), min(self.height, y1 + m)
+        acc, wsum = self.blend_region(px0, py0, px1, py1)
+        probs = acc / np.maximum(wsum, 1e-12)[None]
+        lab = np.asarray(self.labels_fn(probs)).astype(np.uint8)
+        lab[wsum <= 0] = 0
+        inner = (slice(y0 - py0, y1 - py0), slice(x0 - px0, x1 - px0))
+        return lab[inner], acc[(slice(None), *inner)], wsum[inner]
 
     def _cleanup(self) -> None:
         """Delete batch files whose tiles lie entirely in finalised rows."""
@@ -261,7 +286,8 @@ class TileMerger:
             if not p.exists():
                 continue
             s, e = self.batches[b]
-            if int((self._ty[s:e] + self._th[s:e]).max()) <= self.rows_done or self.rows_done >= self.height:
+            bottom = int((self._ty[s:e] + self._th[s:e]).max())
+            if bottom <= self.rows_done - self.margin_px or self.rows_done >= self.height:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
 

@@ -215,8 +215,9 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def run_fingerprint(run_dir: str | Path) -> str:
-    """Return a fingerprint of a run folder's model: sha256 of `model.safetensors` + `config.json`.
+def run_fingerprint(run_dir: str | Path, overrides: Sequence[str] = ()) -> str:
+    """Return a fingerprint of a run folder's model: sha256 of `model.safetensors` + `config.json`
+    and of the inference-time `key=value` overrides (none: the fingerprint of the files alone).
 
     Files that are missing are left out (the model loader reports them).
     """
@@ -225,6 +226,8 @@ def run_fingerprint(run_dir: str | Path) -> str:
         p = Path(run_dir) / name
         if p.is_file():
             h.update(name.encode() + b"\0" + file_sha256(p).encode())
+    for item in overrides:
+        h.update(b"set\0" + str(item).encode() + b"\0")
     return h.hexdigest()
 
 

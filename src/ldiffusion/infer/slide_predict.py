@@ -40,6 +40,7 @@ from ldiffusion.core.errors import CheckpointError, InputError, LDiffusionError
 from ldiffusion.core.io import read_json, write_json
 from ldiffusion.core.registry import suggest
 from ldiffusion.core.rng import derive_seed, make_generator
+from ldiffusion.data.targets import redraw_markers
 from ldiffusion.infer.merge import TileMerger, build_pyramid, pyramid_ratios
 from ldiffusion.infer.outputs import DEFAULT_MAX_BYTES, check_bytes, module_fingerprint, output_path
 from ldiffusion.infer.slide import SlideReader, open_slide
@@ -329,6 +330,9 @@ def _predict_slide(
     }
     if fingerprint is not None:
         params["model_fingerprint"] = fingerprint
+    post = contour_postprocess(getattr(segmenter, "cfg", None))
+    if post is not None:
+        params["contour"] = post
     out = output_path(out_root, name)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder; slide {name!r} writes its outputs there")
@@ -369,9 +373,12 @@ def _predict_slide(
         len(all_tiles),
     )
     work = out / ".work"
+    redraw = post is not None and (post["marker_threshold"] is not None or post["marker_erosion_px"] > 0)
     merger = TileMerger(
         work, width, height, k, tiles, batch_size, params=params, resume=resume, chunk_px=chunk_px,
         uncertainty="uncertainty" in fmts,
+        labels_fn=_marker_labels(post) if redraw and post is not None else None,
+        margin_px=int(post["marker_erosion_px"]) if redraw and post is not None else 0,
     )
     device = _device(segmenter)
     pending = merger.pending_batches()
@@ -421,10 +428,10 @@ def _predict_slide(
         p = out / OUTPUT_NAMES["geojson"]
         bx, by = reader.bounds_offset
         offset = (float(ox - bx), float(oy - by)) if coords == "qupath" else (float(ox), float(oy))
-        cfg = getattr(segmenter, "cfg", None)
-        if getattr(cfg, "target", "semantic") == "contour":  # one polygon per object: interiors, grown
+        if post is not None:  # one polygon per object: the markers, grown back over the band they lost
             write_geojson(p, levels[0], names, palette, scale=scale, offset=offset,
-                          skip=(0, len(names) - 1), grow_px=int(cfg.boundary_px))
+                          skip=(0, len(names) - 1), grow_px=post["boundary_px"] + post["marker_erosion_px"],
+                          min_area_px=post["min_object_px"])
         else:
             write_geojson(p, levels[0], names, palette, scale=scale, offset=offset)
         outputs["geojson"] = p.name
@@ -454,6 +461,32 @@ def _predict_slide(
     shutil.rmtree(work, ignore_errors=True)
     logger.info("%s: wrote %s", name, ", ".join(sorted(outputs.values())))
     return SlideResult(str(reader.path), name, str(out), outputs, False, len(tiles), stats)
+
+
+def contour_postprocess(cfg: Any) -> dict[str, Any] | None:
+    """The post-processing keys of a contour model's config (None for a semantic model).
+
+    The same keys `predict` applies (`infer.predict.contour_instances`): `marker_threshold`,
+    `marker_erosion_px`, `min_object_px`, with `boundary_px` (how far the polygons grow back).
+    """
+    if getattr(cfg, "target", "semantic") != "contour":
+        return None
+    return {
+        "boundary_px": int(cfg.boundary_px),
+        "marker_threshold": None if cfg.marker_threshold is None else float(cfg.marker_threshold),
+        "marker_erosion_px": int(cfg.marker_erosion_px),
+        "min_object_px": int(cfg.min_object_px),
+    }
+
+
+def _marker_labels(post: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
+    """Chunk relabelling of a contour slide: `redraw_markers` with the model's marker keys."""
+
+    def labels(probs: np.ndarray) -> np.ndarray:
+        return redraw_markers(probs, marker_threshold=post["marker_threshold"],
+                              marker_erosion_px=post["marker_erosion_px"])
+
+    return labels
 
 
 def _check_memory(
@@ -640,16 +673,19 @@ def run_manifest(
 
 @dataclasses.dataclass(frozen=True)
 class RunLoader:
-    """A picklable "load the segmenter of run folder `run` on `device`" callable (for Dask workers)."""
+    """A picklable "load the segmenter of run folder `run` on `device`" callable (for Dask workers).
+
+    `overrides` are inference-time ``key=value`` config changes, as `slide predict --set`."""
 
     run: str
     device: str = "auto"
+    overrides: tuple[str, ...] = ()
 
     def __call__(self) -> TileSegmenter:
         from ldiffusion.core.device import resolve_device
         from ldiffusion.methods import load_segmenter
 
-        return load_segmenter(self.run, resolve_device(self.device))  # type: ignore[return-value]
+        return load_segmenter(self.run, resolve_device(self.device), overrides=list(self.overrides))  # type: ignore[return-value]
 
 
 def _worker_segmenter(loader: Callable[[], TileSegmenter]) -> TileSegmenter:

@@ -254,6 +254,7 @@ def write_geojson(
     block_px: int = 2048,
     object_type: str = "annotation",
     grow_px: int = 0,
+    min_area_px: float = 0,
 ) -> dict[str, int]:
     """Write a QuPath GeoJSON FeatureCollection with one polygon Feature per object of each class.
 
@@ -269,6 +270,8 @@ def write_geojson(
         grow_px: grow every polygon by this many label pixels (mitred, so pixel-edge polygons keep
             integer corners): a model trained with the contour target predicts object interiors
             separated by a boundary band of this width, and its objects are the grown interiors.
+        min_area_px: drop polygons whose area (after growing) is under this many label pixels, as
+            `min_object_px` drops small instances in `predict`.
 
     Returns:
         Number of features per class name.
@@ -280,6 +283,8 @@ def write_geojson(
         for c, poly in iter_class_polygons(labels, classes, block_px=block_px):
             if grow_px > 0:
                 poly = poly.buffer(grow_px, join_style="mitre")
+            if poly.area < min_area_px:
+                continue
             counts[class_names[c]] += 1
             yield polygon_feature(
                 poly, class_names[c], palette[c], scale=scale, offset=offset, object_type=object_type

@@ -3,8 +3,8 @@
 Each result row is one point: a snapshot row (`--snapshot-minutes`) at its snapshot time, a full row
 at the run's `--max-minutes` budget. `--max-minutes` caps each training stage, so a method of several
 stages (L-Diffusion: autoencoder, diffusion, segmenter) is placed at N x the budget with
-`--stages ldiffusion=3`. A tag ending in `curve` or `curve-<M>` names one line: the runs of one curve
-share it; `--by-method` joins all runs of a method into one line whatever their tags. A run without
+`--stages ldiffusion=3`. Runs whose tags differ only in a trailing `curve`, `curve<M>`, `curve-<M>` or
+stage split (`-5-5-20`) share one line (`line_tag`); `--by-method` joins all runs of a method into one line whatever their tags. A run without
 `--max-minutes` whose stages have their own budgets (`--set ldiffusion:ae_max_minutes=4` and the
 like) is placed at the sum of those budgets. One panel per metric, one figure per call (one data set).
 
@@ -41,6 +41,12 @@ def _budget_minutes(res: dict[str, Any], entry: dict[str, Any]) -> tuple[float |
     return (sum(stage_budgets), False) if stage_budgets else (None, False)
 
 
+def line_tag(tag: str) -> str:
+    """The line a run's tag belongs to: the tag without a trailing `curve`, `curve<M>`, `curve-<M>` and
+    `-<number>` groups (a budget or stage split), e.g. "nostain-segimg-5-5-20" -> "nostain-segimg"."""
+    return re.sub(r"(-?curve[0-9.]*)?(-[0-9.]+)*$", "", tag)
+
+
 def points(files: list[Path], split: str, metric: str, stages: dict[str, int] | None = None,
            by_method: bool = False) -> dict[str, list[tuple[float, float]]]:
     """Return {line label: [(minutes, score %), ...] sorted by minutes} over the result files.
@@ -58,7 +64,7 @@ def points(files: list[Path], split: str, metric: str, stages: dict[str, int] | 
                 continue
             if per_stage:
                 minutes *= (stages or {}).get(e["method"], 1)
-            tag = "" if by_method else re.sub(r"-?curve(-[0-9.]+)?$", "", e.get("tag") or "")
+            tag = "" if by_method else line_tag(e.get("tag") or "")
             label = e["method"] + (f" ({tag})" if tag else "")
             lines[label].append((minutes, 100.0 * score))
     return {k: sorted(v) for k, v in sorted(lines.items())}

@@ -63,6 +63,13 @@ def test_plot_curves_points(tmp_path):
     assert got == {"ldiffusion": [(10.0, 70.0), (30.0, 30.0)]}
 
 
+def test_plot_curves_line_tags():
+    line_tag = _load_script("plot_curves").line_tag
+    assert [line_tag(t) for t in ("curve", "curve90", "b6-curve", "nostain-curve-30", "semantic-curve30",
+                                  "nostain-segimg-5-5-20", "segimg-s2-2-1.5-6.5", "contour-b3-scale0.5")] == \
+        ["", "", "b6", "nostain", "semantic", "nostain-segimg", "segimg-s2", "contour-b3-scale0.5"]
+
+
 def test_choose_min_object_picks_the_smallest_size_near_the_best():
     mod = _load_script("choose_min_object")
     assert mod.choose({10: 0.2, 500: 0.41, 1000: 0.415, 4000: 0.424}, 0.01) == 1000

@@ -4,7 +4,8 @@ Each result row is one point: a snapshot row (`--snapshot-minutes`) at its snaps
 at the run's `--max-minutes` budget. `--max-minutes` caps each training stage, so a method of several
 stages (L-Diffusion: autoencoder, diffusion, segmenter) is placed at N x the budget with
 `--stages ldiffusion=3`. Runs whose tags differ only in a trailing `curve`, `curve<M>`, `curve-<M>` or
-stage split (`-5-5-20`) share one line (`line_tag`); `--by-method` joins all runs of a method into one line whatever their tags. A run without
+stage split (`-5-5-20`) share one line (`line_tag`); `--by-method` joins all runs of a method into one
+line whatever their tags. A run without
 `--max-minutes` whose stages have their own budgets (`--set ldiffusion:ae_max_minutes=4` and the
 like) is placed at the sum of those budgets. One panel per metric, one figure per call (one data set).
 

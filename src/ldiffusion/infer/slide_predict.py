@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -373,12 +374,14 @@ def _predict_slide(
         len(all_tiles),
     )
     work = out / ".work"
-    redraw = post is not None and (post["marker_threshold"] is not None or post["marker_erosion_px"] > 0)
+    labels_fn, margin_px = None, 0  # the arg-max, unless a contour model re-draws its markers
+    if post is not None and (post["marker_threshold"] is not None or post["marker_erosion_px"] > 0):
+        labels_fn = functools.partial(redraw_markers, marker_threshold=post["marker_threshold"],
+                                      marker_erosion_px=post["marker_erosion_px"])
+        margin_px = post["marker_erosion_px"]
     merger = TileMerger(
         work, width, height, k, tiles, batch_size, params=params, resume=resume, chunk_px=chunk_px,
-        uncertainty="uncertainty" in fmts,
-        labels_fn=_marker_labels(post) if redraw and post is not None else None,
-        margin_px=int(post["marker_erosion_px"]) if redraw and post is not None else 0,
+        uncertainty="uncertainty" in fmts, labels_fn=labels_fn, margin_px=margin_px,
     )
     device = _device(segmenter)
     pending = merger.pending_batches()
@@ -477,16 +480,6 @@ def contour_postprocess(cfg: Any) -> dict[str, Any] | None:
         "marker_erosion_px": int(cfg.marker_erosion_px),
         "min_object_px": int(cfg.min_object_px),
     }
-
-
-def _marker_labels(post: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
-    """Chunk relabelling of a contour slide: `redraw_markers` with the model's marker keys."""
-
-    def labels(probs: np.ndarray) -> np.ndarray:
-        return redraw_markers(probs, marker_threshold=post["marker_threshold"],
-                              marker_erosion_px=post["marker_erosion_px"])
-
-    return labels
 
 
 def _check_memory(

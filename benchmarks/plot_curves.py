@@ -7,7 +7,9 @@ stages (L-Diffusion: autoencoder, diffusion, segmenter) is placed at N x the bud
 stage split (`-5-5-20`) share one line (`line_tag`); `--by-method` joins all runs of a method into one
 line whatever their tags. A run without
 `--max-minutes` whose stages have their own budgets (`--set ldiffusion:ae_max_minutes=4` and the
-like) is placed at the sum of those budgets. One panel per metric, one figure per call (one data set).
+like) is placed at the sum of those budgets. A snapshot row (taken in the last stage) is placed at
+the earlier stages' budgets plus its snapshot minutes. One panel per metric, one figure per call (one
+data set).
 
 Example:
     python benchmarks/plot_curves.py benchmarks/results/2026-12-05-consep-*-curve.json \\
@@ -28,18 +30,44 @@ LABELS = {"dice": "Dice %", "miou": "mIoU %", "aji": "AJI %", "pq": "PQ %", "obj
           "obj_dice": "object Dice %"}
 
 
-def _budget_minutes(res: dict[str, Any], entry: dict[str, Any]) -> tuple[float | None, bool]:
-    """Return (minutes, whether they are one stage's budget, to be scaled by `--stages`) of a row."""
-    if entry.get("snapshot_minutes") is not None:
-        return float(entry["snapshot_minutes"]), False
+# The budget key of each multi-stage method's last stage, the stage that `--snapshot-minutes` counts in.
+LAST_STAGE_BUDGET = {"ldiffusion": "seg_max_minutes"}
+
+
+def _stage_budgets(res: dict[str, Any], method: str) -> dict[str, float]:
+    """Return {key: minutes} of the run's per-stage budgets (`--set METHOD:<stage>_max_minutes=M`)."""
+    return {k.split(":", 1)[1]: float(v) for k, _, v in (o.partition("=") for o in res.get("overrides", []))
+            if k.startswith(f"{method}:") and k.endswith("_max_minutes")}
+
+
+def _max_minutes(res: dict[str, Any]) -> float | None:
+    """Return the run's `--max-minutes` (the budget of each training stage), or None."""
     if res.get("max_minutes") is not None:
-        return float(res["max_minutes"]), True
+        return float(res["max_minutes"])
     found = re.search(r"--max-minutes (\S+)", res.get("command", ""))
-    if found:
-        return float(found.group(1)), True
-    stage_budgets = [float(v) for k, _, v in (o.partition("=") for o in res.get("overrides", []))
-                     if k.startswith(f"{entry.get('method')}:") and k.endswith("_max_minutes")]
-    return (sum(stage_budgets), False) if stage_budgets else (None, False)
+    return float(found.group(1)) if found else None
+
+
+def _budget_minutes(res: dict[str, Any], entry: dict[str, Any],
+                    stages: dict[str, int] | None = None) -> float | None:
+    """Return the training minutes at which a result row sits on the curve, or None when unknown.
+
+    A full row sits at its budget: `--max-minutes` x the method's number of stages (`stages`), or the sum of
+    its per-stage budgets. A snapshot row was taken `snapshot_minutes` into the last stage, so it sits at
+    the earlier stages' budgets plus that.
+    """
+    method = entry.get("method", "")
+    n_stages = (stages or {}).get(method, 1)
+    per_stage, max_minutes = _stage_budgets(res, method), _max_minutes(res)
+    snapshot = entry.get("snapshot_minutes")
+    if snapshot is not None:
+        last_key = LAST_STAGE_BUDGET.get(method)
+        if per_stage and last_key in per_stage:
+            return float(snapshot) + sum(per_stage.values()) - per_stage[last_key]
+        return float(snapshot) + (n_stages - 1) * (max_minutes or 0.0)
+    if max_minutes is not None:
+        return max_minutes * n_stages
+    return sum(per_stage.values()) if per_stage else None
 
 
 def line_tag(tag: str) -> str:
@@ -53,18 +81,16 @@ def points(files: list[Path], split: str, metric: str, stages: dict[str, int] | 
     """Return {line label: [(minutes, score %), ...] sorted by minutes} over the result files.
 
     `stages` maps a method to its number of budgeted stages (full rows are placed at that many times
-    the per-stage `--max-minutes`; snapshot rows, taken in the last stage, are not scaled).
+    the per-stage `--max-minutes`; snapshot rows, taken in the last stage, add the earlier stages' budgets).
     """
     lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for f in files:
         res = json.loads(f.read_text())
         for e in res.get("results", []):
             score = e.get("scores", {}).get(split, {}).get(metric)
-            minutes, per_stage = _budget_minutes(res, e)
+            minutes = _budget_minutes(res, e, stages)
             if score is None or minutes is None:
                 continue
-            if per_stage:
-                minutes *= (stages or {}).get(e["method"], 1)
             tag = "" if by_method else line_tag(e.get("tag") or "")
             label = e["method"] + (f" ({tag})" if tag else "")
             lines[label].append((minutes, 100.0 * score))

@@ -61,6 +61,17 @@ def test_plot_curves_points(tmp_path):
     got = plot_curves.points([tmp_path / "b.json", tmp_path / "c.json"], "test", "dice", {"ldiffusion": 3},
                              by_method=True)
     assert got == {"ldiffusion": [(10.0, 70.0), (30.0, 30.0)]}
+    # snapshots are taken in the last stage: they sit after the earlier stages' budgets (10 + 10 + M)
+    (tmp_path / "d.json").write_text(json.dumps({
+        "overrides": ["ldiffusion:ae_max_minutes=10", "ldiffusion:diffusion_max_minutes=10",
+                      "ldiffusion:seg_max_minutes=70"],
+        "results": [{"method": "ldiffusion", "tag": "x", "snapshot_minutes": 10,
+                     "scores": {"test": {"dice": 0.5}}},
+                    {"method": "ldiffusion", "tag": "x", "scores": {"test": {"dice": 0.6}}}]}))
+    (tmp_path / "e.json").write_text(json.dumps({"max_minutes": 10, "results": [
+        {"method": "ldiffusion", "tag": "y", "snapshot_minutes": 4, "scores": {"test": {"dice": 0.4}}}]}))
+    got = plot_curves.points([tmp_path / "d.json", tmp_path / "e.json"], "test", "dice", {"ldiffusion": 3})
+    assert got == {"ldiffusion (x)": [(30.0, 50.0), (90.0, 60.0)], "ldiffusion (y)": [(24.0, 40.0)]}
 
 
 def test_plot_curves_line_tags():

@@ -326,7 +326,7 @@ def test_new_keys_reject_bad_values_naming_the_key(key, value):
         LDiffusionConfig.from_dict({**LDiffusionMethod.presets["tiny"], key: value})
 
 
-def test_presets_keep_the_old_training_range():
+def test_presets_keep_the_old_training_range_and_small_takes_the_kept_switches():
     for name, t_max in (("tiny", 100), ("small", 1000), ("paper", 1000)):
         assert LDiffusionMethod.presets[name]["t_train_max"] == t_max
     small = LDiffusionConfig.from_dict(dict(LDiffusionMethod.presets["small"]))
@@ -335,12 +335,17 @@ def test_presets_keep_the_old_training_range():
         "grey",
         "tile",
     )
+    # the two switches the ablation kept (docs/results.md, tenth run); paper keeps the paper's reading
     assert (small.seg_with_image, small.seg_head_stride, small.crop_px, small.crt_warmup_steps) == (
-        False,
-        None,
+        True,
+        1,
         128,
         0,
     )
+    paper = {**LDiffusionMethod.presets["paper"], "ae": "small"}  # the paper's SD VAE needs a folder
+    paper_cfg = LDiffusionConfig.from_dict(paper)
+    kept = (paper_cfg.seg_with_image, paper_cfg.seg_head_stride, paper_cfg.feature_channels)
+    assert kept == (False, None, "grey")
 
 
 # ---------------------------------------------------------------------- exact resume with the new options

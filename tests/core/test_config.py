@@ -51,6 +51,20 @@ def test_literal_choices_listed() -> None:
         Train.from_dict({"optim": {"name": "adma"}})
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Weighted(Config):
+    class_weights: Literal["none", "inverse_freq"] = "inverse_freq"
+    mode: Literal["a", "b"] = "a"
+
+
+def test_none_override_selects_the_literal_choice_none() -> None:
+    """`--set class_weights=none` parses to None; a Literal offering "none" takes it as that choice."""
+    assert Weighted.from_dict(apply_overrides({}, ["class_weights=none"])).class_weights == "none"
+    assert Weighted.from_dict(apply_overrides({}, ["class_weights=null"])).class_weights == "none"
+    with pytest.raises(ConfigError, match=r"mode=None is not valid"):
+        Weighted.from_dict(apply_overrides({}, ["mode=none"]))
+
+
 def test_types_ranges_and_nesting() -> None:
     cfg = Train.from_dict({"steps": 3.0, "sizes": [4, 5], "crop_px": None, "optim": {"name": "sgd", "lr": 1}})
     assert cfg.steps == 3 and cfg.sizes == (4, 5) and cfg.optim == Optim(name="sgd", lr=1.0)

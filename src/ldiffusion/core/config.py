@@ -42,6 +42,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is Literal:
         choices = list(get_args(tp))
+        if value is None and "none" in choices:  # `--set key=none` parses to None; the choice is the string
+            return "none"
         if value not in choices:
             hint = suggest(str(value), [str(c) for c in choices]) if isinstance(value, str) else ""
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {choices}{hint}")

@@ -365,6 +365,10 @@ def test_class_balance_keys_are_validated_by_name():
     assert paper.class_weights == "none" and paper.aux_ce == 0.0 and paper.aux_dice == 0.0
     small = CDALConfig.from_dict({**CDALMethod.presets["small"], "preset": "small"})
     assert small.class_weights == "inverse_freq" and small.class_weight_max == 100.0 and small.aux_dice == 1.0
+    # the ResNet-18 generator of `small`, chosen on CoNSeP validation; `paper` keeps the NCSN++ net
+    assert (small.g_backbone, small.d_ngf, small.lr_g) == ("resnet18", 8, 1e-3)
+    paper = CDALConfig.from_dict({**CDALMethod.presets["paper"], "preset": "paper"})
+    assert (paper.g_backbone, paper.d_ngf, paper.lr_g) == ("ncsnpp", 64, 2e-4)
 
 
 def test_class_counts_accumulate_and_weights_follow_them():
@@ -450,3 +454,40 @@ def test_fit_resume_with_class_balance_matches_uninterrupted_run(synth_root, tmp
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert float(sb["class_counts"].sum()) > 0 and int(sb["train_steps"]) == 3
+
+
+def test_resnet_backbone_trains_and_samples():
+    m = _method(crop_px=32, attn_scale=8, g_backbone="resnet18")
+    assert type(m.gen).__name__ == "CDALResUNetGenerator" and m.size_divisor == 32
+    out = m.training_step(_batch(), _gen(0), "main")
+    assert torch.isfinite(out["g"]) and torch.isfinite(out["d"])
+    # a 40 px image is padded to 64 (the U-Net's multiple of 32) and cropped back
+    assert m.eval().predict(torch.rand(1, 3, 40, 40), generator=_gen(0)).shape == (1, 40, 40)
+    with pytest.raises(ConfigError, match="g_backbone"):
+        _cfg(g_backbone="resnet50")
+
+
+def test_generator_ema_is_used_at_inference_and_saved(tmp_path):
+    m = _method(crop_px=32, attn_scale=8, ema=0.5)
+    name = "head.weight"
+    w = [m.gen.state_dict()[name].clone()]
+    opt = torch.optim.Adam(m.gen.parameters(), lr=1e-2)
+    for step in range(2):
+        loss = m.training_step(_batch(), _gen(step), "main")["g"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        w.append(m.gen.state_dict()[name].clone())
+    m.on_stage_end("main", [])
+    # decay 0.5, folded after each optimiser step: ema = 0.25 w0 + 0.25 w1 + 0.5 w2
+    assert not torch.equal(w[1], w[2])
+    assert torch.allclose(m.gen_ema.state_dict()[name], 0.25 * w[0] + 0.25 * w[1] + 0.5 * w[2], atol=1e-7)
+    state = m.inference_state_dict()
+    assert state and all(k.startswith("gen_ema.") for k in state)
+    other = _method(crop_px=32, attn_scale=8, ema=0.5)
+    other.load_inference_state_dict(state)
+    img = torch.rand(1, 3, 32, 32)
+    assert torch.equal(other.eval().predict_proba(img, generator=_gen(0)),
+                       m.eval().predict_proba(img, generator=_gen(0)))
+    with pytest.raises(ConfigError, match="ema"):
+        _cfg(ema=1.0)

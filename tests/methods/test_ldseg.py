@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from ldiffusion.core.errors import ConfigError
+from ldiffusion.core.errors import ConfigError, InputError
 from ldiffusion.diffusion.schedules import cosine_alphas_cumprod
 from ldiffusion.methods.ldseg import (
     LDSegConfig,
@@ -363,6 +363,18 @@ def test_table_v_rows_train_and_predict(label_ds, image_ds):
     assert m.decoder.out.weight.grad is not None
     p = m.eval().predict_proba(batch(2)["image"][:1], generator=torch.Generator().manual_seed(0))
     assert torch.allclose(p.sum(1), torch.ones(1, 64, 64))
+
+
+def test_resnet_image_encoder_trains_and_needs_its_multiple():
+    m = make(image_downsampler="resnet18", latent_stride=4)
+    assert type(m.image_encoder).__name__ == "ResNetImageEncoder" and m.size_divisor == 32
+    out = m.training_step(batch(2), torch.Generator().manual_seed(0), "main")
+    out["model"].backward()
+    assert m.image_encoder.body.head.weight.grad is not None
+    p = m.eval().predict_proba(torch.rand(1, 3, 32, 64), generator=torch.Generator().manual_seed(0))
+    assert p.shape == (1, K, 32, 64)
+    with pytest.raises(InputError, match="divisible by 32"):  # stride 4 alone would accept 48
+        m.predict_proba(torch.rand(1, 3, 48, 48))
 
 
 # ------------------------------------------------------------------- issue 20: class balancing

@@ -258,7 +258,9 @@ class LDSegConfig(MethodConfig):
         label_downsampler: "encoder" (learned label encoder, paper) | "nearest" (Table V: the label map
             down-sampled by nearest neighbour and standardised per sample).
         image_downsampler: "encoder" (learned image encoder, paper) | "nearest" (Table V: the grey image
-            down-sampled by nearest neighbour and standardised per sample).
+            down-sampled by nearest neighbour and standardised per sample) | "resnet18" / "resnet34"
+            (not in the paper: a ResNet U-Net truncated at the latent scale, `ResNetImageEncoder`;
+            inputs then need H, W divisible by 32 as well).
         class_weights: "none" (paper: plain CE) or "inverse_freq" (the CE term weighs each pixel by
             w_c = 1 / (K' f_c) of its class, from the running training pixel counts, clipped to
             ``class_weight_max``; a departure, issue 20). The Dice term is unchanged (it already
@@ -293,7 +295,7 @@ class LDSegConfig(MethodConfig):
     lr_decay: float = 1.0
     lr_decay_floor: float = 0.0
     label_downsampler: Literal["encoder", "nearest"] = "encoder"
-    image_downsampler: Literal["encoder", "nearest"] = "encoder"
+    image_downsampler: Literal["encoder", "nearest", "resnet18", "resnet34"] = "encoder"
     class_weights: Literal["none", "inverse_freq"] = "none"
     class_weight_max: float = 100.0
 
@@ -360,6 +362,8 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         if not isinstance(cfg, LDSegConfig):  # pragma: no cover - checked by the base class
             raise ConfigError("LDSegSegmenter needs an LDSegConfig")
         self.size_divisor = ldseg_size_divisor(cfg.latent_stride)
+        if cfg.image_downsampler.startswith("resnet"):
+            self.size_divisor = max(self.size_divisor, 32)  # the ResNet U-Net's own multiple
         latent = cfg.crop_px // cfg.latent_stride
         nets = build_ldseg_nets(ldseg_preset(cfg.arch), num_classes, in_channels, label_input=cfg.label_input,
                                 latent_affine=cfg.latent_affine, latent_hw=(latent, latent),

@@ -700,7 +700,7 @@ def build_ldseg_nets(
     decoder_bn: bool = True,
     latent_stride: int = LATENT_FACTOR,
     label_downsampler: Literal["encoder", "nearest"] = "encoder",
-    image_downsampler: Literal["encoder", "nearest"] = "encoder",
+    image_downsampler: Literal["encoder", "nearest", "resnet18", "resnet34"] = "encoder",
 ) -> nn.ModuleDict:
     """Build the four LDSeg modules from a preset dict (see `ldseg_preset`).
 
@@ -712,16 +712,20 @@ def build_ldseg_nets(
         latent_stride: s in (4, 8, 16): the latent is (H/s, W/s).
         label_downsampler: "encoder" (learned `LabelEncoder`) or "nearest" (`NearestLabelDownsampler`,
             Table V).
-        image_downsampler: "encoder" (learned `ImageEncoder`) or "nearest" (`NearestImageDownsampler`).
+        image_downsampler: "encoder" (learned `ImageEncoder`), "nearest" (`NearestImageDownsampler`) or
+            "resnet18" / "resnet34" (`ldseg_resnet.ResNetImageEncoder`, not in the paper).
 
     Returns:
         ``ModuleDict`` with keys "label_encoder", "image_encoder", "denoiser", "decoder".
     """
     p = dict(preset)
     drop = float(p["dropout"] if dropout is None else dropout)
-    for key, value in (("label_downsampler", label_downsampler), ("image_downsampler", image_downsampler)):
-        if value not in ("encoder", "nearest"):
-            raise ConfigError(f"{key}={value!r} is not valid; choose one of ['encoder', 'nearest']")
+    if label_downsampler not in ("encoder", "nearest"):
+        raise ConfigError(f"label_downsampler={label_downsampler!r} is not valid; choose one of "
+                          "['encoder', 'nearest']")
+    if image_downsampler not in ("encoder", "nearest", "resnet18", "resnet34"):
+        raise ConfigError(f"image_downsampler={image_downsampler!r} is not valid; choose one of "
+                          "['encoder', 'nearest', 'resnet18', 'resnet34']")
     label_enc: nn.Module
     if label_downsampler == "nearest":
         label_enc = NearestLabelDownsampler(num_classes, latent_stride)
@@ -738,6 +742,10 @@ def build_ldseg_nets(
     image_enc: nn.Module
     if image_downsampler == "nearest":
         image_enc = NearestImageDownsampler(in_channels, latent_stride)
+    elif image_downsampler.startswith("resnet"):
+        from ldiffusion.nets.ldseg_resnet import ResNetImageEncoder  # imports this module
+
+        image_enc = ResNetImageEncoder(in_channels, latent_stride, image_downsampler)
     else:
         image_enc = ImageEncoder(in_channels, p["image_stem"], tuple(p["image_widths"]), p["image_heads"],
                                  drop, latent_stride=latent_stride)

@@ -14,15 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldiffusion.core.errors import ConfigError
+from ldiffusion.core.errors import ConfigError, InputError
 from ldiffusion.nets.blocks import check_input_shape
 
-__all__ = ["RESNET_LAYERS", "ResUNet"]
+__all__ = ["DECODER_WIDTHS", "RESNET_LAYERS", "ResUNet"]
 
 #: basic blocks per stage of each encoder.
 RESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 _ENC_WIDTHS = (64, 128, 256, 512)
 _DEC_WIDTHS = (256, 128, 64, 32, 16)
+#: output widths of the five decoder blocks (1/16 .. full resolution).
+DECODER_WIDTHS = _DEC_WIDTHS
 
 
 def _conv_bn_relu(in_ch: int, out_ch: int) -> nn.Sequential:
@@ -58,6 +60,8 @@ class ResUNet(nn.Module):
         in_channels: image channels.
         num_classes: output classes K.
         encoder: "resnet18" (11 M encoder parameters) or "resnet34".
+        out_stride: output resolution 1/out_stride (1, 2, 4, 8 or 16): the decoder stops after the
+            block of that scale (used by encoders that feed a latent, such as LDSeg's image encoder).
 
     Example:
         >>> ResUNet(3, 2)(torch.zeros(1, 3, 64, 64)).shape
@@ -66,8 +70,12 @@ class ResUNet(nn.Module):
 
     divisor = 32
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 2, encoder: str = "resnet18") -> None:
+    def __init__(self, in_channels: int = 3, num_classes: int = 2, encoder: str = "resnet18",
+                 out_stride: int = 1) -> None:
         super().__init__()
+        if out_stride not in (1, 2, 4, 8, 16):
+            raise ConfigError(f"ResUNet: out_stride={out_stride} should be one of [1, 2, 4, 8, 16]")
+        self.out_stride = out_stride
         if encoder not in RESNET_LAYERS:
             raise ConfigError(f"encoder={encoder!r} is not valid; choose one of {sorted(RESNET_LAYERS)}")
         if num_classes < 1:
@@ -85,21 +93,25 @@ class ResUNet(nn.Module):
         self.stages = nn.ModuleList(stages)
         # skips at 1/16, 1/8, 1/4, 1/2 and none at full resolution
         skips = (_ENC_WIDTHS[2], _ENC_WIDTHS[1], _ENC_WIDTHS[0], 64, 0)
+        n_dec = 5 - out_stride.bit_length() + 1
         dec, ch = [], _ENC_WIDTHS[3]
-        for skip, width in zip(skips, _DEC_WIDTHS, strict=True):
+        for skip, width in zip(skips[:n_dec], _DEC_WIDTHS[:n_dec], strict=True):
             dec.append(nn.Sequential(_conv_bn_relu(ch + skip, width), _conv_bn_relu(width, width)))
             ch = width
         self.decoder = nn.ModuleList(dec)
         self.head = nn.Conv2d(ch, num_classes, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, film: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """Segment images.
 
         Args:
             x: images (B, in_channels, H, W), H and W divisible by 32.
+            film: optional feature-wise modulation of the decoder (used by conditional nets such as
+                cDAL's generator): one (scale, shift) pair of shape (B, DECODER_WIDTHS[i]) per decoder
+                block i; its output y becomes y * (1 + scale) + shift.
 
         Returns:
-            logits (B, num_classes, H, W).
+            logits (B, num_classes, H / out_stride, W / out_stride).
         """
         check_input_shape(x, self.divisor, "ResUNet", self.in_channels)
         feats = [self.stem(x)]  # 1/2
@@ -108,9 +120,14 @@ class ResUNet(nn.Module):
             y = stage(y)
             feats.append(y)  # 1/4, 1/8, 1/16, 1/32
         skips = [feats[3], feats[2], feats[1], feats[0], None]
-        for block, skip in zip(self.decoder, skips, strict=True):
+        if film is not None and len(film) != len(self.decoder):
+            raise InputError(f"ResUNet: film needs {len(self.decoder)} (scale, shift) pairs, got {len(film)}")
+        for i, (block, skip) in enumerate(zip(self.decoder, skips[: len(self.decoder)], strict=True)):
             y = F.interpolate(y, scale_factor=2.0, mode="nearest")
             if skip is not None:
                 y = torch.cat([y, skip], dim=1)
             y = block(y)
+            if film is not None:
+                scale, shift = film[i]
+                y = y * (1.0 + scale[:, :, None, None].to(y.dtype)) + shift[:, :, None, None].to(y.dtype)
         return self.head(y)

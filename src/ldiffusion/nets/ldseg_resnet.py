@@ -1,0 +1,46 @@
+"""LDSeg image encoder on a residual-encoder U-Net (``image_downsampler="resnet18"`` / ``"resnet34"``).
+
+Not in the paper (docs/methods.md, LDSeg): the paper's image encoder (`ldiffusion.nets.ldseg.ImageEncoder`)
+has four down blocks of 32-64 channels and two self-attention layers. This one replaces its body by a
+`ResUNet` whose decoder stops at the latent scale 1/s and emits one channel, and keeps the paper's
+tail (one-unit self-attention -> SiLU -> BatchNorm(1)), so the conditioning z_i keeps its shape
+(B, 1, H/s, W/s) and the denoiser, label encoder and decoder are unchanged.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldiffusion.nets.ldseg import MHSA2d, check_ldseg_input, ldseg_size_divisor
+from ldiffusion.nets.res_unet import ResUNet
+
+__all__ = ["ResNetImageEncoder"]
+
+
+class ResNetImageEncoder(nn.Module):
+    """Map images (B, C_in, H, W) to z_i (B, 1, H/s, W/s) with a ResNet U-Net truncated at 1/s.
+
+    Args:
+        in_channels: image channels.
+        latent_stride: s in (4, 8, 16).
+        encoder: "resnet18" or "resnet34".
+
+    Example:
+        >>> import torch
+        >>> ResNetImageEncoder(3, 8).eval()(torch.zeros(1, 3, 64, 64)).shape
+        torch.Size([1, 1, 8, 8])
+    """
+
+    def __init__(self, in_channels: int = 3, latent_stride: int = 16, encoder: str = "resnet18") -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.divisor = max(ldseg_size_divisor(latent_stride), ResUNet.divisor)
+        self.body = ResUNet(in_channels, 1, encoder, out_stride=latent_stride)
+        self.out_attn = MHSA2d(1, 1, groups=1)
+        self.out_bn = nn.BatchNorm2d(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Encode images (B, C_in, H, W), H, W divisible by ``divisor``, into z_i (B, 1, H/s, W/s)."""
+        check_ldseg_input(x, "ResNetImageEncoder", self.in_channels, self.divisor)
+        return self.out_bn(F.silu(self.out_attn(self.body(x))))

@@ -36,6 +36,7 @@ __all__ = [
     "CDALGenerator",
     "MappingNetwork",
     "cdal_preset",
+    "check_generator_inputs",
     "fir_downsample2d",
     "fir_upsample2d",
     "minibatch_stddev",
@@ -314,6 +315,21 @@ class ImageEncoder(nn.Module):
         return h
 
 
+def check_generator_inputs(name: str, xt: Tensor, image: Tensor, label_channels: int, divisor: int) -> None:
+    """Raise `InputError` unless xt is (B, label_channels, H, W) with H, W divisible by ``divisor`` and the
+    image (B, C_I, H, W) matches its batch and size (shared by the cDAL generators)."""
+    if xt.ndim != 4 or xt.shape[1] != label_channels:
+        raise InputError(f"{name}: expected xt (B, {label_channels}, H, W), got {tuple(xt.shape)}")
+    h, w = xt.shape[-2:]
+    if h % divisor or w % divisor:
+        raise InputError(
+            f"{name}: expected (B, C, H, W) with H, W divisible by {divisor}, got "
+            f"{tuple(xt.shape)}; pad to ({-(-h // divisor) * divisor}, {-(-w // divisor) * divisor})"
+        )
+    if image.shape[0] != xt.shape[0] or image.shape[-2:] != xt.shape[-2:]:
+        raise InputError(f"{name}: image {tuple(image.shape)} does not match xt {tuple(xt.shape)}")
+
+
 class CDALGenerator(nn.Module):
     """NCSN++-lite x0-predictor x_θ(x_t, t, z, I) with AdaGN (latent z) and an additive image encoder.
 
@@ -429,19 +445,7 @@ class CDALGenerator(nn.Module):
         Returns:
             x̂0 (B, C_y, H, W) in (-1, 1).
         """
-        if xt.ndim != 4 or xt.shape[1] != self.label_channels:
-            raise InputError(
-                f"CDALGenerator: expected xt (B, {self.label_channels}, H, W), got {tuple(xt.shape)}"
-            )
-        h_, w_ = xt.shape[-2:]
-        if h_ % self.size_divisor or w_ % self.size_divisor:
-            d = self.size_divisor
-            raise InputError(
-                f"CDALGenerator: expected (B, C, H, W) with H, W divisible by {d}, got "
-                f"{tuple(xt.shape)}; pad to ({-(-h_ // d) * d}, {-(-w_ // d) * d})"
-            )
-        if image.shape[0] != xt.shape[0] or image.shape[-2:] != xt.shape[-2:]:
-            raise InputError(f"CDALGenerator: image {tuple(image.shape)} does not match xt {tuple(xt.shape)}")
+        check_generator_inputs("CDALGenerator", xt, image, self.label_channels, self.size_divisor)
         temb = self.temb(timestep_embedding(t, self.nf))
         w = self.mapping(z)
         h = self.stem(xt) + self.image_encoder(image)

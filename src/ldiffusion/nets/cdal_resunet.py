@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldiffusion.core.errors import InputError
 from ldiffusion.nets.blocks import timestep_embedding
-from ldiffusion.nets.cdal import MappingNetwork
+from ldiffusion.nets.cdal import MappingNetwork, check_generator_inputs
 from ldiffusion.nets.res_unet import DECODER_WIDTHS, ResUNet
 
 __all__ = ["CDALResUNetGenerator"]
@@ -74,14 +73,7 @@ class CDALResUNetGenerator(nn.Module):
         Returns:
             x̂0 (B, C_y, H, W) in (-1, 1).
         """
-        if xt.ndim != 4 or xt.shape[1] != self.label_channels:
-            raise InputError(
-                f"CDALResUNetGenerator: expected xt (B, {self.label_channels}, H, W), got {tuple(xt.shape)}"
-            )
-        if image.shape[0] != xt.shape[0] or image.shape[-2:] != xt.shape[-2:]:
-            raise InputError(
-                f"CDALResUNetGenerator: image {tuple(image.shape)} does not match xt {tuple(xt.shape)}"
-            )
+        check_generator_inputs("CDALResUNetGenerator", xt, image, self.label_channels, self.size_divisor)
         temb = F.silu(self.temb(timestep_embedding(t, self.t_emb_dim).to(xt.device)))
         cond = torch.cat([temb, self.mapping(z)], dim=1)
         film = [tuple(lin(cond).chunk(2, dim=1)) for lin in self.film]

@@ -23,14 +23,6 @@ from tests.nets._contract import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _images(b=2, size=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(b, 3, size, size, generator=g) * 2 - 1

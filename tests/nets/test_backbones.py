@@ -11,14 +11,6 @@ from ldiffusion.nets.cdal_resunet import CDALResUNetGenerator
 from ldiffusion.nets.ldseg_resnet import ResNetImageEncoder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("out_stride", [1, 2, 4, 8, 16])
 def test_resunet_out_stride_sets_output_size(out_stride):
     net = ResUNet(3, 2, out_stride=out_stride).eval()

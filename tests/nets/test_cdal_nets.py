@@ -21,15 +21,6 @@ from ldiffusion.nets.cdal import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Keep these CPU tests on one thread (the test machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _nets(name, cy=1, ci=3, device="cpu"):
     p = cdal_preset(name)
     with torch.device(device):

@@ -26,14 +26,6 @@ from tests.nets._contract import (
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_segmenter_shape(preset):
     # x (2, T=3, 64, 64) grey-map stack -> logits (2, 6, 64, 64)

@@ -41,14 +41,6 @@ SMALL: dict[str, tuple[dict[str, Any], Callable[[nn.Module], torch.Tensor]]] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_expected_names_registered():
     assert {"time_unet", "seg_unet", "autoencoder", "convnext_seg", "timm_seg"} <= set(NETS.names())
 

@@ -15,14 +15,6 @@ from tests.nets._contract import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_output_shape(preset):
     # x (2, 3, 64, 64) -> logits (2, 3, 64, 64)

@@ -18,14 +18,6 @@ from tests.nets._contract import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _inputs(c=4, size=16, b=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, c, size, size, generator=g), torch.tensor([3, 71])[:b]

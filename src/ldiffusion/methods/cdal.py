@@ -211,7 +211,8 @@ class CDALConfig(MethodConfig):
         check_range("lambda_adv", self.lambda_adv, 0.0)
         if not self.g_ch_mult or any(m < 1 for m in self.g_ch_mult):
             raise ConfigError(f"g_ch_mult={self.g_ch_mult!r} should be a non-empty list of positive integers")
-        g_div = 2 ** (len(self.g_ch_mult) - 1) if self.g_backbone == "ncsnpp" else 32
+        g_div = (2 ** (len(self.g_ch_mult) - 1) if self.g_backbone == "ncsnpp"
+                 else CDALResUNetGenerator.size_divisor)
         if self.crop_px % g_div or self.crop_px % 2**self.d_n_down:
             raise ConfigError(f"crop_px={self.crop_px} should be divisible by the generator's {g_div} "
                               f"and by 2**d_n_down={2**self.d_n_down}")

@@ -361,9 +361,6 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         super().__init__(cfg, num_classes, in_channels, class_names)
         if not isinstance(cfg, LDSegConfig):  # pragma: no cover - checked by the base class
             raise ConfigError("LDSegSegmenter needs an LDSegConfig")
-        self.size_divisor = ldseg_size_divisor(cfg.latent_stride)
-        if cfg.image_downsampler.startswith("resnet"):
-            self.size_divisor = max(self.size_divisor, 32)  # the ResNet U-Net's own multiple
         latent = cfg.crop_px // cfg.latent_stride
         nets = build_ldseg_nets(ldseg_preset(cfg.arch), num_classes, in_channels, label_input=cfg.label_input,
                                 latent_affine=cfg.latent_affine, latent_hw=(latent, latent),
@@ -374,6 +371,9 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         self.image_encoder = nets["image_encoder"]
         self.denoiser = nets["denoiser"]
         self.decoder = nets["decoder"]
+        # 4 s, or the image encoder's own multiple when larger (32 for the ResNet encoders)
+        encoder_divisor = getattr(self.image_encoder, "divisor", 1)
+        self.size_divisor = max(ldseg_size_divisor(cfg.latent_stride), encoder_divisor)
         self.denoiser_ema: nn.Module | None = None
         if cfg.ema is not None:
             self.denoiser_ema = copy.deepcopy(self.denoiser)

@@ -353,6 +353,16 @@ def inference_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+@torch.no_grad()
+def fold_ema(ema: nn.Module, live: nn.Module, decay: float) -> None:
+    """One exponential-moving-average step: ema <- decay * ema + (1 - decay) * live for parameters;
+    buffers (e.g. BatchNorm statistics) are copied from ``live``."""
+    for pe, p in zip(ema.parameters(), live.parameters(), strict=True):
+        pe.lerp_(p.detach(), 1.0 - decay)
+    for be, b in zip(ema.buffers(), live.buffers(), strict=True):
+        be.copy_(b)
+
+
 class ClassCounting:
     """Mixin of a `Segmenter` with class-balanced training: running pixel counts and their weights.
 

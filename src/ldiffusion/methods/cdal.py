@@ -77,6 +77,7 @@ from ldiffusion.methods.base import (
     OptimizerSpec,
     Segmenter,
     Stage,
+    fold_ema,
     inference_autocast,
 )
 from ldiffusion.nets.cdal import CDALDiscriminator, CDALGenerator, cdal_preset
@@ -367,10 +368,7 @@ class CDALMethod(ClassCounting, Segmenter):
             return
         cfg = self.cfg
         assert isinstance(cfg, CDALConfig) and cfg.ema is not None
-        for pe, p in zip(self.gen_ema.parameters(), self.gen.parameters(), strict=True):
-            pe.lerp_(p.detach(), 1.0 - cfg.ema)
-        for be, b in zip(self.gen_ema.buffers(), self.gen.buffers(), strict=True):
-            be.copy_(b)
+        fold_ema(self.gen_ema, self.gen, cfg.ema)
         self.ema_pending.zero_()
 
     def preprocess(self, images: Tensor) -> Tensor:

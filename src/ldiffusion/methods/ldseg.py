@@ -57,6 +57,7 @@ from ldiffusion.methods.base import (
     ClassCounting,
     MethodConfig,
     Segmenter,
+    fold_ema,
     inference_autocast,
 )
 from ldiffusion.nets.ldseg import build_ldseg_nets, check_ldseg_input, ldseg_preset, ldseg_size_divisor
@@ -412,11 +413,7 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         """Fold the weights of the last optimiser step into the EMA (once per step)."""
         if self.denoiser_ema is None or int(self.ema_pending) == 0:
             return
-        d = float(self.lcfg.ema)  # type: ignore[arg-type]
-        for pe, p in zip(self.denoiser_ema.parameters(), self.denoiser.parameters(), strict=True):
-            pe.lerp_(p.detach(), 1.0 - d)
-        for be, b in zip(self.denoiser_ema.buffers(), self.denoiser.buffers(), strict=True):
-            be.copy_(b)
+        fold_ema(self.denoiser_ema, self.denoiser, float(self.lcfg.ema))  # type: ignore[arg-type]
         self.ema_pending.zero_()
 
     def _abar(self, t: Tensor) -> Tensor:

@@ -407,3 +407,32 @@ def test_weighted_ce_is_the_weighted_mean_of_the_pixel_losses():
         LDSegConfig.from_dict({**LDSegSegmenter.presets["tiny"], "class_weight_max": 0.5})
     with pytest.raises(ConfigError, match="class_weights"):
         LDSegConfig.from_dict({**LDSegSegmenter.presets["tiny"], "class_weights": "median"})
+
+
+# ------------------------------------------------------------------- wider latents (issue 20, off the paper)
+def test_latent_channel_keys_shape_training_and_sampling():
+    m = make(latent_stride=8, latent_channels=3, image_latent_channels=5)
+    unzero(m)
+    b = batch(2)
+    out = m.forward_train(b["image"], b["label"], torch.Generator().manual_seed(0))
+    for key in ("z0", "zt", "eps", "eps_hat", "zdn"):
+        assert out[key].shape == (2, 3, 8, 8), key
+    assert out["zi"].shape == (2, 5, 8, 8)
+    # z0 is standardised per sample over (C, h, w), as with one channel
+    assert torch.allclose(out["z0"].mean(dim=(1, 2, 3)), torch.zeros(2), atol=1e-5)
+    loss = m.training_step(b, torch.Generator().manual_seed(0), "main")["model"]
+    loss.backward()
+    assert m.denoiser.head.weight.grad is not None and m.denoiser.head.weight.shape[0] == 3
+    p = m.eval().predict_proba(b["image"][:1], generator=torch.Generator().manual_seed(0))
+    assert p.shape == (1, K, 64, 64)
+    assert torch.allclose(p.sum(1), torch.ones(1, 64, 64), atol=1e-5)
+
+
+def test_latent_channel_keys_are_checked_by_name():
+    for over, key in [({"latent_channels": 0}, "latent_channels"),
+                      ({"image_latent_channels": 0}, "image_latent_channels"),
+                      ({"latent_channels": 2, "label_downsampler": "nearest"}, "latent_channels=2"),
+                      ({"image_latent_channels": 4, "image_downsampler": "nearest"},
+                       "image_latent_channels=4")]:
+        with pytest.raises(ConfigError, match=key):
+            make(**over)

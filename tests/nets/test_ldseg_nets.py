@@ -189,3 +189,23 @@ def test_table_v_rows_build_without_the_replaced_encoder():
     assert not list(nets["label_encoder"].parameters()) and not list(nets["image_encoder"].parameters())
     with pytest.raises(ConfigError, match="image_downsampler='pool'"):
         build_ldseg_nets(ldseg_preset("tiny"), 2, 3, image_downsampler="pool")
+
+
+@pytest.mark.parametrize("downsampler", ["encoder", "resnet18"])
+def test_latent_channels_shape_every_network(downsampler):
+    torch.manual_seed(0)
+    k, size = 3, 64
+    nets = build_ldseg_nets(ldseg_preset("tiny"), num_classes=k, in_channels=3, latent_stride=8,
+                            image_downsampler=downsampler, latent_channels=4, image_latent_channels=6).eval()
+    x = torch.rand(2, 3, size, size)
+    y = torch.randint(0, k, (2, size, size))
+    with torch.no_grad():
+        zi = nets["image_encoder"](x)
+        z0 = nets["label_encoder"](y)
+        eps_hat = nets["denoiser"](torch.cat([z0, zi], 1), torch.tensor([0, 999]))
+        logits = nets["decoder"](z0 - eps_hat)
+    assert zi.shape == (2, 6, 8, 8)
+    assert z0.shape == eps_hat.shape == (2, 4, 8, 8)
+    assert logits.shape == (2, k, size, size)
+    with pytest.raises(InputError, match=r"expected a latent \(B, 4, h, w\)"):
+        nets["decoder"](z0[:, :1])

@@ -2,7 +2,7 @@
 
 Training (one step, [P Alg. 1], METHODS Part 2 §3)::
 
-    z_i = E_img(x);  z0 = E_lab(y)                       # (B, 1, H/s, W/s) each, s = latent_stride
+    z_i = E_img(x);  z0 = E_lab(y)                       # (B, C, H/s, W/s) each, s = latent_stride, C = 1
     t ~ U{0..T-1} per sample;  eps ~ N(0, I) per sample  # `t_per_batch`, `shared_noise` = code variants
     z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps         # cosine schedule, T = 1000
     eps_hat = Den([z_t || z_i], t)
@@ -16,7 +16,8 @@ lr(step) = lr * lr_decay ** floor(step / steps_per_epoch) (`lr_multiplier`, appl
 before every step). An exponential moving average of the denoiser (`ema`, code-only) is used at
 inference. The latent stride s (`latent_stride`) is 16 in the paper; 8 and 4 keep more label detail.
 Table V's ablation replaces either encoder by nearest-neighbour down-sampling
-(`label_downsampler`, `image_downsampler` = "nearest").
+(`label_downsampler`, `image_downsampler` = "nearest"). Off the paper, `latent_channels` and
+`image_latent_channels` widen the one-channel z0 and z_i.
 
 Inference ([P §V-B], METHODS Part 2 §4): DDIM in the latent on the grid
 tau_j = round(j (T-1) / (K-1)), j = 0..K-1 (K = `ddim_steps` >= 2, default 2, i.e. {T-1, 0}), starting
@@ -131,7 +132,7 @@ def ddim_update(z: Tensor, eps_hat: Tensor, abar_t: float, abar_prev: float, eta
     With abar_t = abar_prev = 1 (tau = 0) the step is the identity.
 
     Args:
-        z: current latent (B, 1, h, w).
+        z: current latent (B, C_z, h, w).
         eps_hat: predicted noise, same shape.
         abar_t: abar at the current point (> 0).
         abar_prev: abar at the next (smaller) point, >= abar_t.
@@ -267,6 +268,11 @@ class LDSegConfig(MethodConfig):
             ``class_weight_max``; a departure, issue 20). The Dice term is unchanged (it already
             averages over the foreground classes present).
         class_weight_max: upper clip of the class weights (>= 1).
+        latent_channels: C_z, channels of the label latent z0 (1 = paper). Not in the paper: one scalar
+            per s x s block has to order K classes along one axis, so a denoising error moves a pixel
+            to a neighbouring class id; C_z > 1 gives each class room of its own (issue 20).
+        image_latent_channels: C_i, channels of the image condition z_i (1 = paper). Not in the paper:
+            with C_i = 1 the denoiser sees the image only through one scalar per block.
     """
 
     arch: Literal["tiny", "small", "paper"] = "tiny"
@@ -299,6 +305,8 @@ class LDSegConfig(MethodConfig):
     image_downsampler: Literal["encoder", "nearest", "resnet18", "resnet34"] = "encoder"
     class_weights: Literal["none", "inverse_freq"] = "none"
     class_weight_max: float = 100.0
+    latent_channels: int = 1
+    image_latent_channels: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -318,6 +326,8 @@ class LDSegConfig(MethodConfig):
         check_range("lr_decay", self.lr_decay, 0.0, 1.0, lo_open=True)
         check_range("lr_decay_floor", self.lr_decay_floor, 0.0, 1.0)
         check_range("class_weight_max", self.class_weight_max, 1.0)
+        check_range("latent_channels", self.latent_channels, 1)
+        check_range("image_latent_channels", self.image_latent_channels, 1)
         div = ldseg_size_divisor(self.latent_stride)
         if self.crop_px % div:
             raise ConfigError(f"crop_px={self.crop_px} should be divisible by {div} for LDSeg with "
@@ -367,7 +377,9 @@ class LDSegSegmenter(ClassCounting, Segmenter):
                                 latent_affine=cfg.latent_affine, latent_hw=(latent, latent),
                                 dropout=cfg.dropout, decoder_bn=cfg.decoder_bn,
                                 latent_stride=cfg.latent_stride, label_downsampler=cfg.label_downsampler,
-                                image_downsampler=cfg.image_downsampler)
+                                image_downsampler=cfg.image_downsampler,
+                                latent_channels=cfg.latent_channels,
+                                image_latent_channels=cfg.image_latent_channels)
         self.label_encoder = nets["label_encoder"]
         self.image_encoder = nets["image_encoder"]
         self.denoiser = nets["denoiser"]
@@ -432,7 +444,8 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         """Run the training forward pass; return every intermediate tensor (for tests and losses).
 
         Returns:
-            Dict with "z0", "zi", "t", "eps", "zt", "eps_hat", "zdn" (B, 1, H/s, W/s; t (B,)) and
+            Dict with "z0", "eps", "zt", "eps_hat", "zdn" (B, C_z, H/s, W/s), "zi" (B, C_i, H/s, W/s),
+            "t" (B,) and
             "logits" (B, K, H, W).
         """
         cfg = self.lcfg
@@ -509,7 +522,7 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         """Run the DDIM sampler from z_T for each latent condition and decode.
 
         Args:
-            zi: image embeddings (N, 1, h, w).
+            zi: image embeddings (N, C_i, h, w).
             seeds: one seed per row of ``zi``; row n draws z_T (and eta noise) from its own generator.
 
         Returns:
@@ -518,7 +531,7 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         cfg = self.lcfg
         den = self.inference_denoiser()
         gens = [make_generator(s) for s in seeds]
-        shape = (1, *zi.shape[1:])
+        shape = (1, cfg.latent_channels, *zi.shape[2:])
 
         def draw() -> Tensor:
             return torch.cat([torch.randn(shape, generator=g) for g in gens]).to(zi.device, zi.dtype)

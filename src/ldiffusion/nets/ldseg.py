@@ -230,11 +230,11 @@ class ResConvBlock(nn.Module):
 
 
 class LabelEncoder(nn.Module):
-    """Map a label map to the standardised one-channel latent z0 (B, 1, H/s, W/s), s = ``latent_stride``.
+    """Map a label map to the standardised latent z0 (B, C_z, H/s, W/s), s = ``latent_stride``.
 
     RB(w0)@H -> maxpool -> RB(w1) -> maxpool -> RB(w2) -> maxpool -> RB(w3) -> maxpool -> RB(w4)@H/16
-    -> conv1x1(->1) -> LayerNorm over (C, h, w) per sample, eps 1e-3. With s = 8 (4) the last one
-    (two) max-pools are left out, so the last blocks run at H/s.
+    -> conv1x1(->C_z) -> LayerNorm over (C, h, w) per sample, eps 1e-3. C_z = 1 in the paper. With
+    s = 8 (4) the last one (two) max-pools are left out, so the last blocks run at H/s.
 
     Args:
         num_classes: K (classes incl. background).
@@ -250,6 +250,7 @@ class LabelEncoder(nn.Module):
         eps: LayerNorm epsilon (1e-3 as in Keras); the per-sample std of z0 is sqrt(v / (v + eps)) for
             a pre-norm variance v, i.e. 1 up to ~eps / (2 v).
         latent_stride: s in (4, 8, 16); 16 = the paper's four down-samplings.
+        latent_channels: C_z, channels of the latent (1 = paper).
     """
 
     def __init__(
@@ -264,6 +265,7 @@ class LabelEncoder(nn.Module):
         ignore_index: int = 255,
         eps: float = 1e-3,
         latent_stride: int = LATENT_FACTOR,
+        latent_channels: int = 1,
     ) -> None:
         super().__init__()
         if len(widths) != 5:
@@ -286,7 +288,7 @@ class LabelEncoder(nn.Module):
             blocks.append(ResConvBlock(in_ch, w, dropout))
             in_ch = w
         self.blocks = nn.ModuleList(blocks)
-        self.out = nn.Conv2d(in_ch, 1, 1)
+        self.out = nn.Conv2d(in_ch, latent_channels, 1)
         self.eps = float(eps)
         if latent_affine:
             assert latent_hw is not None
@@ -308,7 +310,7 @@ class LabelEncoder(nn.Module):
         return onehot * valid.unsqueeze(1).float()
 
     def forward(self, label: Tensor) -> Tensor:
-        """Encode labels (B, H, W) int64 (H, W divisible by 4 s) into z0 (B, 1, H/s, W/s)."""
+        """Encode labels (B, H, W) int64 (H, W divisible by 4 s) into z0 (B, C_z, H/s, W/s)."""
         x = self.encode_input(label)
         check_ldseg_input(x, "LabelEncoder", divisor=self.divisor)
         for i, block in enumerate(self.blocks):
@@ -380,11 +382,12 @@ class _DownBlock(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """Map images (B, C_in, H, W) to the image embedding z_i (B, 1, H/s, W/s), s = ``latent_stride``.
+    """Map images (B, C_in, H, W) to the image embedding z_i (B, C_i, H/s, W/s), s = ``latent_stride``.
 
-    stem conv3(s) -> DB(c1) -> DB(c2) -> DB(c3) + MHSA(c3) -> DB(c4) + MHSA(c4) -> conv1(->1, zero-init)
-    -> MHSA(1 unit, 1 head, GN 1 group) -> SiLU -> BatchNorm(1). With s = 8 (4) the last one (two)
-    down blocks keep their resolution (stride-1 conv), so both MHSA layers run at H/s at s = 4:
+    stem conv3(s) -> DB(c1) -> DB(c2) -> DB(c3) + MHSA(c3) -> DB(c4) + MHSA(c4) -> conv1(->C_i, zero-init)
+    -> MHSA(C_i units, 1 head, GN 1 group) -> SiLU -> BatchNorm(C_i). C_i = 1 in the paper. With
+    s = 8 (4) the last one (two) down blocks keep their resolution (stride-1 conv), so both MHSA
+    layers run at H/s at s = 4:
     (H/4)^2 tokens, which is heavy at large crops.
 
     Args:
@@ -394,6 +397,7 @@ class ImageEncoder(nn.Module):
         heads: heads of the two MHSA layers.
         dropout: dropout in the down blocks.
         latent_stride: s in (4, 8, 16).
+        out_channels: C_i, channels of z_i (1 = paper).
     """
 
     def __init__(
@@ -404,6 +408,7 @@ class ImageEncoder(nn.Module):
         heads: int = 8,
         dropout: float = 0.0,
         latent_stride: int = LATENT_FACTOR,
+        out_channels: int = 1,
     ) -> None:
         super().__init__()
         if len(widths) != 4:
@@ -420,12 +425,12 @@ class ImageEncoder(nn.Module):
             ch = w
         self.downs = nn.ModuleList(downs)
         self.attns = nn.ModuleList(attns)
-        self.out = _zero(nn.Conv2d(ch, 1, 1))
-        self.out_attn = MHSA2d(1, 1, groups=1)
-        self.out_bn = nn.BatchNorm2d(1)
+        self.out = _zero(nn.Conv2d(ch, out_channels, 1))
+        self.out_attn = MHSA2d(out_channels, 1, groups=1)
+        self.out_bn = nn.BatchNorm2d(out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Encode images (B, C_in, H, W), H, W divisible by 4 s, into z_i (B, 1, H/s, W/s)."""
+        """Encode images (B, C_in, H, W), H, W divisible by 4 s, into z_i (B, C_i, H/s, W/s)."""
         check_ldseg_input(x, "ImageEncoder", self.in_channels, self.divisor)
         h = self.stem(x)
         for down, attn in zip(self.downs, self.attns, strict=True):
@@ -467,7 +472,7 @@ class _Attn(nn.Module):
 
 
 class LDSegDenoiser(nn.Module):
-    """DDPM U-Net predicting eps from ``[z_t || z_i]`` (B, 2, h, w) and raw steps t (B,).
+    """DDPM U-Net predicting eps (B, C_z, h, w) from ``[z_t || z_i]`` (B, C_z + C_i, h, w) and steps t (B,).
 
     Levels with widths (w0, w1, w2), attention at levels 1 and 2, 2 ResBlocks per level down, a
     stride-2 conv after levels 0 and 1; middle ResBlock -> Attn -> ResBlock; 3 ResBlocks per level up,
@@ -475,11 +480,12 @@ class LDSegDenoiser(nn.Module):
     GN(4) -> SiLU -> conv3(->1). Time: sinusoid(t) -> Linear -> SiLU -> Linear.
 
     Args:
-        in_channels: input channels (2: z_t and z_i).
+        in_channels: input channels, C_z + C_i (2 in the paper: z_t and z_i).
         stem: stem width.
         widths: 3 level widths.
         temb_dim: time-embedding width.
         num_res_blocks: ResBlocks per level on the way down (up: +1).
+        out_channels: C_z, channels of the predicted eps (1 = paper).
     """
 
     def __init__(
@@ -489,6 +495,7 @@ class LDSegDenoiser(nn.Module):
         widths: tuple[int, ...] = (16, 32, 64),
         temb_dim: int = 64,
         num_res_blocks: int = 2,
+        out_channels: int = 1,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -525,7 +532,7 @@ class LDSegDenoiser(nn.Module):
             if i > 0:
                 self.upsamples.append(nn.Conv2d(ch, widths[i], 3, padding=1))
         self.head_norm = _gn(ch, 4)
-        self.head = nn.Conv2d(ch, 1, 3, padding=1)
+        self.head = nn.Conv2d(ch, out_channels, 3, padding=1)
         self.num_res_blocks = num_res_blocks
         self.num_levels = len(widths)
         # Glorot everywhere except the zero-initialised layers set inside the blocks.
@@ -533,7 +540,7 @@ class LDSegDenoiser(nn.Module):
             _glorot(mod)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """Predict eps (B, 1, h, w) from x = [z_t || z_i] (B, 2, h, w), h, w divisible by 4, and t (B,)."""
+        """Predict eps (B, C_z, h, w) from x = [z_t || z_i] (B, C_z + C_i, h, w), h, w % 4 == 0, t (B,)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise InputError(f"LDSegDenoiser: expected (B, {self.in_channels}, h, w), got {tuple(x.shape)}")
         f = 2 ** (self.num_levels - 1)
@@ -568,7 +575,7 @@ class LDSegDenoiser(nn.Module):
 
 
 class LabelDecoder(nn.Module):
-    """Decode a latent (B, 1, h, w) into class logits (B, K, s h, s w), s = ``latent_stride``.
+    """Decode a latent (B, C_z, h, w) into class logits (B, K, s h, s w), s = ``latent_stride``.
 
     4 x [ConvTranspose2d(k3, s2, p1, output_padding 1)(c) -> RB(c)] -> SiLU -> conv1x1(->K) ->
     BatchNorm(K) (code-only, ``out_bn``). Softmax over K gives the paper's output. With s = 8 (4)
@@ -581,6 +588,7 @@ class LabelDecoder(nn.Module):
         dropout: dropout in the residual blocks.
         out_bn: BatchNorm on the logits as in the code.
         latent_stride: s in (4, 8, 16).
+        latent_channels: C_z (1 = paper).
     """
 
     def __init__(
@@ -590,6 +598,7 @@ class LabelDecoder(nn.Module):
         dropout: float = 0.0,
         out_bn: bool = True,
         latent_stride: int = LATENT_FACTOR,
+        latent_channels: int = 1,
     ) -> None:
         super().__init__()
         if len(widths) != 4:
@@ -597,7 +606,8 @@ class LabelDecoder(nn.Module):
         n_keep = len(widths) - _n_down(latent_stride)  # blocks at the latent resolution come first
         ups: list[nn.Module] = []
         blocks = []
-        ch = 1
+        self.latent_channels = int(latent_channels)
+        ch = self.latent_channels
         for i, w in enumerate(widths):
             if i < n_keep:
                 ups.append(nn.Conv2d(ch, w, 3, padding=1))
@@ -611,9 +621,10 @@ class LabelDecoder(nn.Module):
         self.out_bn: nn.Module = nn.BatchNorm2d(num_classes) if out_bn else nn.Identity()
 
     def forward(self, z: Tensor) -> Tensor:
-        """Return logits (B, K, s h, s w) for a latent z (B, 1, h, w)."""
-        if z.ndim != 4 or z.shape[1] != 1:
-            raise InputError(f"LabelDecoder: expected a latent (B, 1, h, w), got {tuple(z.shape)}")
+        """Return logits (B, K, s h, s w) for a latent z (B, C_z, h, w)."""
+        if z.ndim != 4 or z.shape[1] != self.latent_channels:
+            raise InputError(f"LabelDecoder: expected a latent (B, {self.latent_channels}, h, w), "
+                             f"got {tuple(z.shape)}")
         h = z
         for up, block in zip(self.ups, self.blocks, strict=True):
             h = block(up(h))
@@ -701,6 +712,8 @@ def build_ldseg_nets(
     latent_stride: int = LATENT_FACTOR,
     label_downsampler: Literal["encoder", "nearest"] = "encoder",
     image_downsampler: Literal["encoder", "nearest", "resnet18", "resnet34"] = "encoder",
+    latent_channels: int = 1,
+    image_latent_channels: int = 1,
 ) -> nn.ModuleDict:
     """Build the four LDSeg modules from a preset dict (see `ldseg_preset`).
 
@@ -714,6 +727,10 @@ def build_ldseg_nets(
             Table V).
         image_downsampler: "encoder" (learned `ImageEncoder`), "nearest" (`NearestImageDownsampler`) or
             "resnet18" / "resnet34" (`ldseg_resnet.ResNetImageEncoder`, not in the paper).
+        latent_channels: C_z, channels of the label latent (1 = paper; the "nearest" label down-sampler
+            gives 1).
+        image_latent_channels: C_i, channels of the image condition z_i (1 = paper; the "nearest" image
+            down-sampler gives 1).
 
     Returns:
         ``ModuleDict`` with keys "label_encoder", "image_encoder", "denoiser", "decoder".
@@ -726,6 +743,12 @@ def build_ldseg_nets(
     if image_downsampler not in ("encoder", "nearest", "resnet18", "resnet34"):
         raise ConfigError(f"image_downsampler={image_downsampler!r} is not valid; choose one of "
                           "['encoder', 'nearest', 'resnet18', 'resnet34']")
+    for key, value, sampler in (("latent_channels", latent_channels, label_downsampler),
+                                ("image_latent_channels", image_latent_channels, image_downsampler)):
+        if int(value) < 1:
+            raise ConfigError(f"{key}={value} should be >= 1")
+        if sampler == "nearest" and int(value) != 1:
+            raise ConfigError(f"{key}={value} needs a learned down-sampler: 'nearest' gives 1 channel")
     label_enc: nn.Module
     if label_downsampler == "nearest":
         label_enc = NearestLabelDownsampler(num_classes, latent_stride)
@@ -738,6 +761,7 @@ def build_ldseg_nets(
             latent_hw=latent_hw,
             dropout=drop,
             latent_stride=latent_stride,
+            latent_channels=latent_channels,
         )
     image_enc: nn.Module
     if image_downsampler == "nearest":
@@ -745,16 +769,19 @@ def build_ldseg_nets(
     elif image_downsampler.startswith("resnet"):
         from ldiffusion.nets.ldseg_resnet import ResNetImageEncoder  # imports this module
 
-        image_enc = ResNetImageEncoder(in_channels, latent_stride, image_downsampler)
+        image_enc = ResNetImageEncoder(in_channels, latent_stride, image_downsampler,
+                                       out_channels=image_latent_channels)
     else:
         image_enc = ImageEncoder(in_channels, p["image_stem"], tuple(p["image_widths"]), p["image_heads"],
-                                 drop, latent_stride=latent_stride)
+                                 drop, latent_stride=latent_stride, out_channels=image_latent_channels)
     return nn.ModuleDict(
         {
             "label_encoder": label_enc,
             "image_encoder": image_enc,
-            "denoiser": LDSegDenoiser(2, p["denoiser_stem"], tuple(p["denoiser_widths"]), p["temb_dim"]),
+            "denoiser": LDSegDenoiser(latent_channels + image_latent_channels, p["denoiser_stem"],
+                                      tuple(p["denoiser_widths"]), p["temb_dim"],
+                                      out_channels=latent_channels),
             "decoder": LabelDecoder(num_classes, tuple(p["decoder_widths"]), drop, out_bn=decoder_bn,
-                                    latent_stride=latent_stride),
+                                    latent_stride=latent_stride, latent_channels=latent_channels),
         }
     )

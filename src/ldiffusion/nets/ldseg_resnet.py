@@ -2,9 +2,10 @@
 
 Not in the paper (docs/methods.md, LDSeg): the paper's image encoder (`ldiffusion.nets.ldseg.ImageEncoder`)
 has four down blocks of 32-64 channels and two self-attention layers. This one replaces its body by a
-`ResUNet` whose decoder stops at the latent scale 1/s and emits one channel, and keeps the paper's
-tail (one-unit self-attention -> SiLU -> BatchNorm(1)), so the conditioning z_i keeps its shape
-(B, 1, H/s, W/s) and the denoiser, label encoder and decoder are unchanged.
+`ResUNet` whose decoder stops at the latent scale 1/s and emits C_i channels (1 as in the paper unless
+``image_latent_channels`` says otherwise), and keeps the paper's tail (self-attention -> SiLU ->
+BatchNorm), so the conditioning z_i keeps its shape (B, C_i, H/s, W/s) and the denoiser, label encoder
+and decoder are unchanged.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ __all__ = ["ResNetImageEncoder"]
 
 
 class ResNetImageEncoder(nn.Module):
-    """Map images (B, C_in, H, W) to z_i (B, 1, H/s, W/s) with a ResNet U-Net truncated at 1/s.
+    """Map images (B, C_in, H, W) to z_i (B, C_i, H/s, W/s) with a ResNet U-Net truncated at 1/s.
 
     Args:
         in_channels: image channels.
         latent_stride: s in (4, 8, 16).
         encoder: "resnet18" or "resnet34".
+        out_channels: C_i (1 = the paper's one-channel z_i).
 
     Example:
         >>> import torch
@@ -32,15 +34,16 @@ class ResNetImageEncoder(nn.Module):
         torch.Size([1, 1, 8, 8])
     """
 
-    def __init__(self, in_channels: int = 3, latent_stride: int = 16, encoder: str = "resnet18") -> None:
+    def __init__(self, in_channels: int = 3, latent_stride: int = 16, encoder: str = "resnet18",
+                 out_channels: int = 1) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.divisor = max(ldseg_size_divisor(latent_stride), ResUNet.divisor)
-        self.body = ResUNet(in_channels, 1, encoder, out_stride=latent_stride)
-        self.out_attn = MHSA2d(1, 1, groups=1)
-        self.out_bn = nn.BatchNorm2d(1)
+        self.body = ResUNet(in_channels, out_channels, encoder, out_stride=latent_stride)
+        self.out_attn = MHSA2d(out_channels, 1, groups=1)
+        self.out_bn = nn.BatchNorm2d(out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Encode images (B, C_in, H, W), H, W divisible by ``divisor``, into z_i (B, 1, H/s, W/s)."""
+        """Encode images (B, C_in, H, W), H, W divisible by ``divisor``, into z_i (B, C_i, H/s, W/s)."""
         check_ldseg_input(x, "ResNetImageEncoder", self.in_channels, self.divisor)
         return self.out_bn(F.silu(self.out_attn(self.body(x))))

@@ -156,7 +156,7 @@ def test_bad_stride_and_size_name_the_key():
 
 
 def test_nearest_label_downsampler_takes_block_corners_and_standardises():
-    from ldiffusion.nets.ldseg import NearestLabelDownsampler
+    from ldiffusion.nets.ldseg_nearest import NearestLabelDownsampler
 
     y = torch.zeros(1, 16, 16, dtype=torch.long)
     y[0, :4, :4] = 1  # top-left 4x4 block -> its corner pixel is 1
@@ -172,7 +172,7 @@ def test_nearest_label_downsampler_takes_block_corners_and_standardises():
 
 
 def test_nearest_image_downsampler_is_grey_corner_sample():
-    from ldiffusion.nets.ldseg import NearestImageDownsampler
+    from ldiffusion.nets.ldseg_nearest import NearestImageDownsampler
 
     x = torch.rand(2, 3, 64, 64)
     z = NearestImageDownsampler(3, latent_stride=8)(x)

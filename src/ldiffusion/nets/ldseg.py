@@ -1,6 +1,7 @@
 """LDSeg networks: label encoder, image encoder, latent denoiser and label decoder (METHODS Part 2 §2).
 
-All four modules work on NCHW float32 tensors; the latent is one channel at 1/s of the input size
+All four modules work on NCHW float32 tensors; the latent is one channel (the paper's; `latent_channels`
+and `image_latent_channels` widen z0 and z_i) at 1/s of the input size
 (``h = H/s``, ``w = W/s``) for the latent stride s = 16 (paper, default), 8 or 4 (``latent_stride``;
 the encoders drop their last down-samplings and the decoder its first up-samplings). The denoiser
 halves the latent twice more, so H and W must be divisible by 4 s (64 at s = 16). All activations
@@ -17,8 +18,8 @@ are SiLU. Layer layouts follow the authors' Keras code [C:model.py]
   the raw step t, predicting eps (B, 1, h, w).
 - `LabelDecoder`: 4 x [ConvTranspose2d(k3, s2) -> residual block] -> SiLU -> conv1x1(->K) ->
   BatchNorm(K); returns logits (softmax is applied by the method).
-- `NearestLabelDownsampler`, `NearestImageDownsampler`: the parameter-free replacements of the two
-  encoders in the paper's Table V ablation (nearest-neighbour down-sampling to the latent size).
+- The parameter-free replacements of the two encoders in the paper's Table V ablation live in
+  `ldiffusion.nets.ldseg_nearest`.
 
 Example:
     >>> p = ldseg_preset("tiny")
@@ -47,8 +48,6 @@ __all__ = [
     "LDSegDenoiser",
     "LabelDecoder",
     "LabelEncoder",
-    "NearestImageDownsampler",
-    "NearestLabelDownsampler",
     "build_ldseg_nets",
     "check_ldseg_input",
     "ldseg_preset",
@@ -631,74 +630,6 @@ class LabelDecoder(nn.Module):
         return self.out_bn(self.out(F.silu(h)))
 
 
-def _standardise(z: Tensor, eps: float) -> Tensor:
-    """Per-sample (z - mean) / sqrt(var + eps) over (C, h, w), as the label encoder's LayerNorm."""
-    mean = z.mean(dim=(1, 2, 3), keepdim=True)
-    var = z.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
-    return (z - mean) / torch.sqrt(var + eps)
-
-
-class NearestLabelDownsampler(nn.Module):
-    """Table V "label down-sample": z0 = standardise(nearest-neighbour down-sampling of the label map).
-
-    The class id (ignored pixels -> 0) is taken as one float channel, sampled at the top-left pixel
-    of every s x s block (``F.interpolate(mode="nearest")`` with an integer factor picks the same
-    pixel), then standardised per sample over (C, h, w) with eps 1e-3 like `LabelEncoder`; a
-    constant map gives z0 = 0. No parameters. (B, H, W) int64 -> (B, 1, H/s, W/s) float32.
-
-    Args:
-        num_classes: K (ids >= K count as 0, like ignored pixels).
-        latent_stride: s in (4, 8, 16).
-        ignore_index: label value of unlabelled pixels.
-        eps: variance epsilon of the standardisation.
-    """
-
-    def __init__(self, num_classes: int, latent_stride: int = LATENT_FACTOR, ignore_index: int = 255,
-                 eps: float = 1e-3) -> None:
-        super().__init__()
-        self.num_classes = int(num_classes)
-        self.stride = int(latent_stride)
-        self.divisor = ldseg_size_divisor(latent_stride)
-        self.ignore_index = ignore_index
-        self.eps = float(eps)
-
-    def forward(self, label: Tensor) -> Tensor:
-        """Down-sample labels (B, H, W) int64 (H, W divisible by 4 s) to z0 (B, 1, H/s, W/s)."""
-        if label.ndim != 3:
-            raise InputError(f"NearestLabelDownsampler: expected labels (B, H, W), got {tuple(label.shape)}")
-        check_ldseg_input(label.unsqueeze(1), "NearestLabelDownsampler", divisor=self.divisor)
-        valid = (label != self.ignore_index) & (label >= 0) & (label < self.num_classes)
-        ids = torch.where(valid, label, torch.zeros_like(label)).float().unsqueeze(1)
-        return _standardise(ids[..., ::self.stride, ::self.stride], self.eps)
-
-
-class NearestImageDownsampler(nn.Module):
-    """Table V "image down-sample": z_i = standardise(nearest-neighbour down-sampling of the grey image).
-
-    The channel mean of the (pre-processed) image, sampled at the top-left pixel of every s x s
-    block, standardised per sample (eps 1e-3) [D]: the paper does not say how 3 channels become the
-    one-channel z_i. No parameters. (B, C_in, H, W) -> (B, 1, H/s, W/s).
-
-    Args:
-        in_channels: image channels.
-        latent_stride: s in (4, 8, 16).
-        eps: variance epsilon of the standardisation.
-    """
-
-    def __init__(self, in_channels: int = 3, latent_stride: int = LATENT_FACTOR, eps: float = 1e-3) -> None:
-        super().__init__()
-        self.in_channels = int(in_channels)
-        self.stride = int(latent_stride)
-        self.divisor = ldseg_size_divisor(latent_stride)
-        self.eps = float(eps)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Down-sample images (B, C_in, H, W) to z_i (B, 1, H/s, W/s)."""
-        check_ldseg_input(x, "NearestImageDownsampler", self.in_channels, self.divisor)
-        grey = x.float().mean(dim=1, keepdim=True)
-        return _standardise(grey[..., ::self.stride, ::self.stride], self.eps)
-
-
 def build_ldseg_nets(
     preset: dict[str, Any],
     num_classes: int,
@@ -749,6 +680,11 @@ def build_ldseg_nets(
             raise ConfigError(f"{key}={value} should be >= 1")
         if sampler == "nearest" and int(value) != 1:
             raise ConfigError(f"{key}={value} needs a learned down-sampler: 'nearest' gives 1 channel")
+    from ldiffusion.nets.ldseg_nearest import (  # imports this module
+        NearestImageDownsampler,
+        NearestLabelDownsampler,
+    )
+
     label_enc: nn.Module
     if label_downsampler == "nearest":
         label_enc = NearestLabelDownsampler(num_classes, latent_stride)

@@ -122,6 +122,17 @@ def test_decoder_outputs_logits_at_full_resolution():
 
 
 # ------------------------------------------------------------------- latent stride, Table V (issue 20)
+def _run_all_four(nets, k: int, size: int):
+    """Run image encoder, label encoder, denoiser (t = 0, 999) and decoder on 2 random images / labels."""
+    x = torch.rand(2, 3, size, size)
+    y = torch.randint(0, k, (2, size, size))
+    with torch.no_grad():
+        zi = nets["image_encoder"](x)
+        z0 = nets["label_encoder"](y)
+        eps_hat = nets["denoiser"](torch.cat([z0, zi], 1), torch.tensor([0, 999]))
+        return zi, z0, eps_hat, nets["decoder"](z0 - eps_hat)
+
+
 @pytest.mark.parametrize("stride", [16, 8, 4])
 def test_latent_shape_follows_the_stride(stride):
     from ldiffusion.nets.ldseg import ldseg_size_divisor
@@ -129,13 +140,7 @@ def test_latent_shape_follows_the_stride(stride):
     torch.manual_seed(0)
     k, size = 3, 64
     nets = build_ldseg_nets(ldseg_preset("tiny"), num_classes=k, in_channels=3, latent_stride=stride).eval()
-    x = torch.rand(2, 3, size, size)
-    y = torch.randint(0, k, (2, size, size))
-    with torch.no_grad():
-        zi = nets["image_encoder"](x)
-        z0 = nets["label_encoder"](y)
-        eps_hat = nets["denoiser"](torch.cat([z0, zi], 1), torch.tensor([0, 999]))
-        logits = nets["decoder"](z0 - eps_hat)
+    zi, z0, eps_hat, logits = _run_all_four(nets, k, size)
     h = size // stride
     assert zi.shape == z0.shape == eps_hat.shape == (2, 1, h, h)
     assert logits.shape == (2, k, size, size)
@@ -197,13 +202,7 @@ def test_latent_channels_shape_every_network(downsampler):
     k, size = 3, 64
     nets = build_ldseg_nets(ldseg_preset("tiny"), num_classes=k, in_channels=3, latent_stride=8,
                             image_downsampler=downsampler, latent_channels=4, image_latent_channels=6).eval()
-    x = torch.rand(2, 3, size, size)
-    y = torch.randint(0, k, (2, size, size))
-    with torch.no_grad():
-        zi = nets["image_encoder"](x)
-        z0 = nets["label_encoder"](y)
-        eps_hat = nets["denoiser"](torch.cat([z0, zi], 1), torch.tensor([0, 999]))
-        logits = nets["decoder"](z0 - eps_hat)
+    zi, z0, eps_hat, logits = _run_all_four(nets, k, size)
     assert zi.shape == (2, 6, 8, 8)
     assert z0.shape == eps_hat.shape == (2, 4, 8, 8)
     assert logits.shape == (2, k, size, size)

@@ -142,6 +142,39 @@ def test_lazy_r1_every_k_steps():
     assert int(m.train_steps) == 4
 
 
+
+def test_d_every_skips_the_discriminator_and_counts_r1_on_its_updates():
+    m = _method(crop_px=32, attn_scale=8, lazy_r1=2, d_every=2)
+    outs = [m.training_step(_batch(2, 16), _gen(i), "main") for i in range(6)]
+    assert [o["d"].requires_grad for o in outs] == [True, False, True, False, True, False]
+    assert all(o["g"].requires_grad for o in outs)
+    # D updates at steps 0, 2, 4; R1 on every second update: steps 0 and 4
+    assert ["log/r1" in o for o in outs] == [True, False, False, False, True, False]
+    assert [float(o["d"]) for o in outs[1::2]] == [0.0, 0.0, 0.0]
+
+
+def test_d_every_leaves_the_discriminator_untouched_between_updates():
+    """Through the loop's `apply_losses`: D's weights change on its update steps only, G's on every step."""
+    from ldiffusion.train.loop import apply_losses
+
+    m = _method(crop_px=32, attn_scale=8, d_every=3)
+    specs = m.stages()[0].optimizers
+    opts = {k: torch.optim.Adam(s.params, s.lr, betas=s.betas) for k, s in specs.items()}
+    d_changed, g_changed = [], []
+    for i in range(4):
+        d0 = [p.detach().clone() for p in m.disc.parameters()]
+        g0 = [p.detach().clone() for p in m.gen.parameters()]
+        apply_losses(m.training_step(_batch(2, 16), _gen(i), "main"), specs, opts, None, "main", i)
+        d_changed.append(any(not torch.equal(p, q) for p, q in zip(m.disc.parameters(), d0, strict=True)))
+        g_changed.append(any(not torch.equal(p, q) for p, q in zip(m.gen.parameters(), g0, strict=True)))
+    assert d_changed == [True, False, False, True]
+    assert g_changed == [True, True, True, True]
+
+
+def test_d_every_is_validated():
+    with pytest.raises(ConfigError, match="d_every"):
+        _cfg(d_every=0)
+
 # ---------------------------------------------------------------------------------------------- sampling
 def test_posterior_k1_returns_x0_hat():
     m = _method()

@@ -207,3 +207,21 @@ def test_a_stage_budget_replaces_the_run_budget_for_that_stage_only(synth_root, 
     assert res2.stopped_by_budget == ["autoencoder", "diffusion"]  # the segmenter keeps its own 1e9 min
     ends2 = {r["stage"]: r["step"] for r in _records(tmp_path / "run2") if r["type"] == "stage_end"}
     assert ends2 == {"autoencoder": 1, "diffusion": 1, "segmenter": 3}
+
+
+def test_apply_losses_skips_an_optimiser_whose_loss_has_no_grad():
+    from ldiffusion.methods.base import OptimizerSpec
+    from ldiffusion.train.loop import apply_losses
+
+    a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    specs = {"a": OptimizerSpec(list(a.parameters()), 0.1), "b": OptimizerSpec(list(b.parameters()), 0.1)}
+    opts = {k: torch.optim.Adam(s.params, s.lr) for k, s in specs.items()}
+    before_a = [p.detach().clone() for p in a.parameters()]
+    before_b = [p.detach().clone() for p in b.parameters()]
+    x = torch.ones(1, 2)
+    apply_losses({"a": torch.zeros(()), "b": b(x).sum()}, specs, opts, None, "main", 0)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before_a, strict=True))
+    assert not opts["a"].state  # no Adam moments for the skipped optimiser
+    assert not all(torch.equal(p, q) for p, q in zip(b.parameters(), before_b, strict=True))
+    with pytest.raises(RuntimeError, match="no loss"):
+        apply_losses({"a": torch.zeros(()), "b": torch.zeros(())}, specs, opts, None, "main", 1)

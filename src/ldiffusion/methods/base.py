@@ -261,7 +261,8 @@ class Trainable(nn.Module, ABC):
 
         Returns:
             One scalar loss per optimiser name of the stage, plus optional extra scalars to log
-            under keys "log/<name>" (never back-propagated).
+            under keys "log/<name>" (never back-propagated). A loss that does not require grad
+            skips its optimiser for this step (`train.loop.apply_losses`).
         """
 
     def stages(self) -> list[Stage]:

@@ -113,7 +113,10 @@ class CDALConfig(MethodConfig):
         lr_g, lr_d: Adam learning rates (the shared ``lr`` field is not used by cDAL).
         betas: Adam betas of both optimisers.
         r1_gamma: R1 weight γ (penalty γ/2 · E‖∇D‖²); 0 turns it off.
-        lazy_r1: apply R1 every this many steps (1 = every step); not rescaled.
+        lazy_r1: apply R1 every this many discriminator updates (1 = every update); not rescaled.
+        d_every: update D on every this-many-th training step only (1 = every step, the paper);
+            G trains every step, its attention map then comes from a D up to ``d_every - 1`` steps
+            old. Not in the paper: D's two passes with gradient cost more than G's step on CPU.
         attn_scale: resolution (px at ``crop_px``) of the D feature map used for attention; the
             deepest feature map at that resolution is used.
         attn_index: explicit index into ``D.get_features`` (overrides ``attn_scale``).
@@ -162,6 +165,7 @@ class CDALConfig(MethodConfig):
     betas: tuple[float, ...] = (0.5, 0.9)
     r1_gamma: float = 1.0
     lazy_r1: int = 2
+    d_every: int = 1
     attn_scale: int = 16
     attn_index: int | None = None
     attn_abs: bool = True
@@ -197,7 +201,7 @@ class CDALConfig(MethodConfig):
         if self.beta_max < self.beta_min:
             raise ConfigError(f"beta_max={self.beta_max} should be >= beta_min={self.beta_min}")
         for key in ("g_nf", "g_num_res_blocks", "nz", "z_emb_dim", "d_ngf", "d_t_emb_dim", "d_n_down",
-                    "lazy_r1", "attn_scale"):
+                    "lazy_r1", "d_every", "attn_scale"):
             check_range(key, getattr(self, key), 1)
         check_range("g_enc_blocks", self.g_enc_blocks, 0)
         check_range("n_mlp", self.n_mlp, 0)
@@ -451,17 +455,23 @@ class CDALMethod(ClassCounting, Segmenter):
                       stage: str) -> dict[str, Tensor]:
         """Return {"d": L_D (+R1), "g": L_G, "log/...": diagnostics} for one batch (Algorithm 1).
 
-        Both losses are computed from the current weights; `fit` then steps D on "d" and G on "g".
+        On steps where D sits out (``d_every`` > 1), "d" is a zero without grad. Both losses are
+        computed from the current weights; `fit` then steps D on "d" and G on "g".
         A loop that updates D before computing G's loss (the code's exact order) can call
         `discriminator_loss` and `generator_loss` itself, in that order, with the same generator.
         """
+        cfg = self.cfg
+        assert isinstance(cfg, CDALConfig)
         self._sync_ema()
         image = self.preprocess(batch["image"])
         label = batch["label"].to(image.device)
         x0, valid = self.encode_labels(label)
         out: dict[str, Tensor] = {}
         if self.trains_discriminator:
-            out.update(self.discriminator_loss(x0, image, generator))
+            if int(self.train_steps) % cfg.d_every == 0:
+                out.update(self.discriminator_loss(x0, image, generator))
+            else:  # D sits this step out: a loss without grad leaves its optimiser untouched
+                out["d"] = torch.zeros((), device=image.device)
         with torch.no_grad():
             self.train_steps += 1
             self.update_class_counts(label)
@@ -493,7 +503,8 @@ class CDALMethod(ClassCounting, Segmenter):
             image: normalised images (B, C_I, H, W) (`preprocess`).
             generator: generator of k, the pair noise, z and the posterior noise.
 
-        R1 is added when ``train_steps % lazy_r1 == 0`` (``train_steps`` counts `training_step` calls).
+        R1 is added on every ``lazy_r1``-th D update: when ``(train_steps // d_every) % lazy_r1 == 0``
+        (``train_steps`` counts `training_step` calls; D updates when ``train_steps % d_every == 0``).
         """
         cfg = self.cfg
         assert isinstance(cfg, CDALConfig)
@@ -504,7 +515,7 @@ class CDALMethod(ClassCounting, Segmenter):
         x_prev = x_prev.detach().requires_grad_(True)  # before the D pass, for R1
         d_real = self.disc(x_prev, x_k, k - 1)
         loss_d = F.softplus(-d_real).mean()
-        if cfg.r1_gamma > 0 and int(self.train_steps) % cfg.lazy_r1 == 0:
+        if cfg.r1_gamma > 0 and (int(self.train_steps) // cfg.d_every) % cfg.lazy_r1 == 0:
             r1 = r1_penalty(d_real, x_prev, cfg.r1_gamma)
             loss_d = loss_d + r1
             out["log/r1"] = r1.detach()

@@ -353,7 +353,8 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                         st.elapsed_s = time.monotonic() - t_stage
                         rec = {"type": "step", "stage": stage.name, "stage_index": si, "step": st.step,
                                "epoch": st.epoch,
-                               "losses": ddp.all_reduce_mean({k: float(losses[k].detach()) for k in specs},
+                               "losses": ddp.all_reduce_mean({k: float(losses[k].detach()) for k in specs
+                                                              if losses[k].requires_grad},
                                                              share, device),
                                "log": ddp.all_reduce_mean({k[4:]: float(v.detach()) for k, v in losses.items()
                                                            if k.startswith("log/")}, share, device),
@@ -441,7 +442,9 @@ def apply_losses(losses: dict[str, torch.Tensor], specs: dict[str, Any],
     gradient of its own loss w.r.t. its own parameters (`torch.autograd.grad`), so a generator loss
     never leaks gradients into the discriminator and vice versa. Under torch.distributed the
     gradients are averaged over ranks (this rank weighted by `share`, its fraction of the global
-    batch) before clipping and the step.
+    batch) before clipping and the step. A loss that does not require grad (a discriminator that
+    sits this step out, cDAL's ``d_every``) leaves its optimiser untouched: no step, no Adam moment
+    update; at least one loss of the step must require grad.
 
     Args:
         losses: `training_step` output; one scalar per optimiser name of `specs`.
@@ -456,7 +459,10 @@ def apply_losses(losses: dict[str, torch.Tensor], specs: dict[str, Any],
     if missing:
         raise KeyError(f"training_step of stage {stage!r} returned {sorted(losses)}, missing losses for "
                        f"optimisers {missing}")
-    names = list(specs)
+    names = [k for k in specs if losses[k].requires_grad]
+    if not names:
+        raise RuntimeError(f"stage {stage!r} step {step + 1}: no loss of {sorted(specs)} requires grad "
+                           "(was training_step run under torch.no_grad?)")
     for i, name in enumerate(names):
         loss = losses[name]
         if not torch.isfinite(loss):

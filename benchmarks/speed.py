@@ -7,8 +7,8 @@ For every method (default: unet, ldiffusion, ldseg, cdal; preset `small`) this m
   and the peak memory of one call;
 * one optimiser step of every training stage (`training_step` + back-propagation + optimiser step,
   exactly as `train.loop.fit` does it via `train.loop.apply_losses`) at the stage's batch size
-  and the preset's training crop; the *main* stage (the last one, which trains the network that
-  predicts) is the headline number;
+  and the preset's training crop (cDAL with `d_every` = n: the mean over cycles of n steps); the
+  *main* stage (the last one, which trains the network that predicts) is the headline number;
 * FLOPs per tile (inference) and per training step, counted with
   `torch.utils.flop_counter.FlopCounterMode` (matmul / convolution / attention FLOPs only;
   element-wise ops are not counted);
@@ -282,8 +282,17 @@ def worker_train(spec: dict[str, Any]) -> dict[str, Any]:
     res["peak_bytes"], res["memory_how"] = mem.bytes, mem.how
     if spec["count_flops"]:
         res["flops_per_step"], res["flops_counter"] = _flops(run)
-    times = _repeat(run, device, spec["reps"], spec["min_time_s"], spec["max_reps"])
-    res["times_s"] = times
+    # a method whose steps differ periodically (cDAL's `d_every`: D trains on every n-th step) is timed
+    # over whole cycles, each repetition divided by the cycle length, so the median is the mean step
+    cycle = int(getattr(cfg, "d_every", 1))
+
+    def run_cycle() -> None:
+        for _ in range(cycle):
+            run()
+
+    times = [t / cycle for t in _repeat(run_cycle, device, spec["reps"], spec["min_time_s"] * cycle,
+                                        spec["max_reps"])]
+    res["times_s"], res["steps_per_repetition"] = times, cycle
     res["s_per_step"] = statistics.median(times)
     res["px_per_s"] = b * crop * crop / res["s_per_step"]
     return res

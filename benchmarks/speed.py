@@ -412,8 +412,10 @@ def build_tables(res: dict[str, Any]) -> tuple[list[str], list[list[str]], list[
                 continue
             pk = peak["bf16_flops"] if t.get("precision") == "bf16" else peak["fp32_flops"]
             frac = t["flops_per_step"] / t["s_per_step"] / pk if t.get("flops_per_step") else None
+            n_timed = len(t.get("times_s", [])) * t.get("steps_per_repetition", 1)
             trows.append([name, stage + main, f"{t['batch']} x {t['crop_px']}", f"{t['s_per_step']:.3g}"
-                          + (" (1 step)" if len(t.get("times_s", [])) == 1 else ""),
+                          + (f" (mean of {n_timed} steps)" if t.get("steps_per_repetition", 1) > 1
+                             else " (1 step)" if n_timed == 1 else ""),
                           f"{t['px_per_s'] / 1e6:.3g}", _mb(t.get("peak_bytes")), _g(t.get("flops_per_step")),
                           _pct(frac), _ratio(1.0 / t["px_per_s"], base_tpx) if main else "",
                           _ratio(t.get("peak_bytes"), base_main.get("peak_bytes")) if main else ""])

@@ -283,8 +283,8 @@ def worker_train(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["count_flops"]:
         res["flops_per_step"], res["flops_counter"] = _flops(run)
     # a method whose steps differ periodically (cDAL's `d_every`: D trains on every n-th step) is timed
-    # over whole cycles, each repetition divided by the cycle length, so the median is the mean step
-    cycle = int(getattr(cfg, "d_every", 1))
+    # over whole periods, each repetition divided by the period, so the median is the mean step
+    cycle = method.step_period
 
     def run_cycle() -> None:
         for _ in range(cycle):

@@ -142,7 +142,6 @@ def test_lazy_r1_every_k_steps():
     assert int(m.train_steps) == 4
 
 
-
 def test_d_every_skips_the_discriminator_and_counts_r1_on_its_updates():
     m = _method(crop_px=32, attn_scale=8, lazy_r1=2, d_every=2)
     outs = [m.training_step(_batch(2, 16), _gen(i), "main") for i in range(6)]

@@ -247,6 +247,15 @@ class Trainable(nn.Module, ABC):
         self.extra_info: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ training
+    @property
+    def step_period(self) -> int:
+        """Number of training steps after which the work of a step repeats (1: every step alike).
+
+        A method that runs part of its update on every n-th step only (cDAL's ``d_every``) returns n,
+        so that a timing of whole periods gives the mean step (`benchmarks/speed.py`).
+        """
+        return 1
+
     @abstractmethod
     def training_step(self, batch: dict[str, Any], generator: torch.Generator,
                       stage: str) -> dict[str, torch.Tensor]:

@@ -359,6 +359,13 @@ class CDALMethod(ClassCounting, Segmenter):
         assert isinstance(cfg, CDALConfig)
         return cfg.use_attention or cfg.lambda_adv > 0
 
+    @property
+    def step_period(self) -> int:
+        """D updates on every ``d_every``-th step, so the work of a step repeats after ``d_every`` steps."""
+        cfg = self.cfg
+        assert isinstance(cfg, CDALConfig)
+        return cfg.d_every if self.trains_discriminator else 1
+
     # ------------------------------------------------------------------ helpers
     def inference_generator(self) -> nn.Module:
         """Return the generator used at inference and validation (the EMA copy when `ema` is on)."""

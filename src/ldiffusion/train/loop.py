@@ -353,8 +353,8 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
                         st.elapsed_s = time.monotonic() - t_stage
                         rec = {"type": "step", "stage": stage.name, "stage_index": si, "step": st.step,
                                "epoch": st.epoch,
-                               "losses": ddp.all_reduce_mean({k: float(losses[k].detach()) for k in specs
-                                                              if losses[k].requires_grad},
+                               "losses": ddp.all_reduce_mean({k: float(losses[k].detach())
+                                                              for k in stepped_losses(losses, specs)},
                                                              share, device),
                                "log": ddp.all_reduce_mean({k[4:]: float(v.detach()) for k, v in losses.items()
                                                            if k.startswith("log/")}, share, device),
@@ -433,6 +433,11 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
     return FitResult(out, st.best_score, steps_run, True, budget_stops)
 
 
+def stepped_losses(losses: dict[str, torch.Tensor], specs: dict[str, Any]) -> list[str]:
+    """Names of the optimisers that step on `losses`: those whose loss requires grad, in `specs` order."""
+    return [k for k in specs if losses[k].requires_grad]
+
+
 def apply_losses(losses: dict[str, torch.Tensor], specs: dict[str, Any],
                  opts: dict[str, torch.optim.Optimizer], grad_clip: float | None, stage: str, step: int, *,
                  share: float = 1.0) -> None:
@@ -459,7 +464,7 @@ def apply_losses(losses: dict[str, torch.Tensor], specs: dict[str, Any],
     if missing:
         raise KeyError(f"training_step of stage {stage!r} returned {sorted(losses)}, missing losses for "
                        f"optimisers {missing}")
-    names = [k for k in specs if losses[k].requires_grad]
+    names = stepped_losses(losses, specs)
     if not names:
         raise RuntimeError(f"stage {stage!r} step {step + 1}: no loss of {sorted(specs)} requires grad "
                            "(was training_step run under torch.no_grad?)")
@@ -556,4 +561,4 @@ def iterate_batches(ds: Dataset, batch_size: int) -> Iterator[dict[str, Any]]:
     yield from DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0)
 
 
-__all__ = ["FitResult", "apply_losses", "fit", "iterate_batches"]
+__all__ = ["FitResult", "apply_losses", "fit", "iterate_batches", "stepped_losses"]

@@ -106,3 +106,49 @@ def test_config_validation_and_bad_input() -> None:
     assert TrainTransform.from_dict({"crop_px": 64}).crop_px == 64
     with pytest.raises(InputError, match="equal H, W"):
         ALL(np.zeros((4, 4, 3), np.uint8), np.zeros((5, 4), np.uint8), generator=_gen(0))
+
+
+def _disc_sample(radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A 96 px image with one centred disc of `radius` (label 1, instance 7) on background."""
+    yy, xx = np.mgrid[:96, :96]
+    disc = (yy - 48) ** 2 + (xx - 48) ** 2 <= radius**2
+    label = disc.astype(np.uint8)
+    image = np.where(disc[..., None], 200, 30).astype(np.uint8).repeat(3, axis=2)
+    return image, label, label.astype(np.uint16) * 7
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_scale_jitter_resizes_objects_within_range_and_keeps_mask_values(seed: int) -> None:
+    image, label, inst = _disc_sample(20)
+    j = 0.5
+    t = TrainTransform(crop_px=96, scale_jitter=j, flips=False, rot90=False, pad_mode="constant")
+    img2, lab2, inst2 = t(image, label, inst, generator=_gen(seed))
+    assert img2.shape == (96, 96, 3) and lab2.shape == inst2.shape == (96, 96)
+    assert set(np.unique(lab2)) <= {0, 1, 255} and set(np.unique(inst2)) <= {0, 7}
+    assert ((lab2 == 1) == (inst2 == 7)).all()  # label and instance map resized alike
+    # the disc's area scales by s^2 with s in [1 / (1 + j), 1 + j] (up to the edge of the crop)
+    ratio = float((lab2 == 1).sum()) / float((label == 1).sum())
+    assert 1 / (1 + j) ** 2 * 0.9 <= ratio <= (1 + j) ** 2 * 1.1
+
+
+def test_scale_jitter_draws_both_sides_and_zero_is_the_old_transform() -> None:
+    image, label, inst = _disc_sample(12)
+    t = TrainTransform(crop_px=96, scale_jitter=0.5, flips=False, rot90=False)
+    areas = [int((t(image, label, inst, generator=_gen(s))[1] == 1).sum()) for s in range(16)]
+    base = int((label == 1).sum())
+    assert min(areas) < 0.8 * base and max(areas) > 1.25 * base
+    # scale_jitter=0 draws nothing: the crop offset is still the generator's first draw, so runs
+    # trained before the key existed repeat exactly
+    a = TrainTransform(crop_px=32, flips=False, rot90=False)(*_sample(), generator=_gen(5))
+    b = random_crop(*_sample(), 32, generator=_gen(5))
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ConfigError, match="scale_jitter"):
+        TrainTransform(scale_jitter=1.5)
+
+
+def test_scale_jitter_without_crop_resizes_the_whole_image() -> None:
+    image, label, inst = _disc_sample(20)
+    t = TrainTransform(crop_px=None, scale_jitter=0.5, flips=False, rot90=False)
+    sizes = {t(image, label, inst, generator=_gen(s))[1].shape for s in range(6)}
+    assert len(sizes) > 1 and all(48 <= h <= 144 and h == w for h, w in sizes)

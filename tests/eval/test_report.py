@@ -71,6 +71,24 @@ def test_evaluate_folder_semantic(tmp_path: Path) -> None:
     assert "DICE" in text and "mIoU" in text and "foreground classes only" in text
 
 
+def test_evaluate_folder_binary_merges_the_foreground_classes(tmp_path: Path) -> None:
+    root = make_tiny_dataset(tmp_path / "ds")
+    pred = write_predictions(tmp_path / "pred")
+    r = evaluate_folder(pred, root, binary=True, foreground_only=True, progress=False)
+    # x: a pixel of class 2 predicted 1 and one of 1 predicted 2 count as right; y has one ignored pixel
+    lx, px = (LX != 0).astype(np.uint8), (PX != 0).astype(np.uint8)
+    ly = np.where(LY == 255, 255, LY != 0).astype(np.uint8)
+    cm = confusion_matrix(lx, px, 2) + confusion_matrix(ly, np.where(LY == 255, 0, LY != 0), 2)
+    assert r["confusion_matrix"] == cm.tolist() and len(cm) == 2
+    tp, fp, fn = cm[1, 1], cm[0, 1], cm[1, 0]
+    assert r["semantic"]["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert [p["name"] for p in r["semantic"]["per_class"]] == ["background", "foreground"]
+    assert "merged into one" in r["convention"] and r["semantic"]["n_pixels"] == 31
+    # the typed score differs: x's confusions between a and b are errors there
+    typed = evaluate_folder(pred, root, foreground_only=True, progress=False)
+    assert typed["semantic"]["dice"] < r["semantic"]["dice"]
+
+
 def test_evaluate_folder_instances(tmp_path: Path) -> None:
     root = make_tiny_dataset(tmp_path / "ds")
     pred = write_predictions(tmp_path / "pred")

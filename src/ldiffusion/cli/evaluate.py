@@ -25,6 +25,10 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("test", "--split", help="Split or part to score (test, val, testA, ...)."),
         foreground_only: bool = typer.Option(False, "--foreground-only",
                                              help="Score foreground classes only (class 0 excluded)."),
+        binary: bool = typer.Option(False, "--binary",
+                                    help="Merge every foreground class into one (truth and predictions) "
+                                         "and score background / foreground: a nucleus model on a data "
+                                         "set with nucleus types, e.g. a MoNuSeg model on CoNSeP."),
         instances: bool = typer.Option(False, "--instances", help="Also compute AJI, PQ (and mPQ)."),
         watershed: bool = typer.Option(False, "--watershed",
                                        help="Split touching objects (distance-transform watershed) "
@@ -57,7 +61,7 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"--out {out}: exists and is not a .json file; refusing to overwrite it")
         result = evaluate_folder(pred, data, split=split, foreground_only=foreground_only,
                                  instances=instances, watershed=watershed, min_size=min_size,
-                                 min_distance=min_distance, progress=progress)
+                                 min_distance=min_distance, progress=progress, binary=binary)
         write_json(out, result)
         print(format_table(result))
         print(f"wrote {out}")

@@ -88,8 +88,8 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
     annotated = None
     if annotated_fraction < 1.0:
         annotated = annotated_subset(info.ids("train"), annotated_fraction, cfg.seed)
-    transform = TrainTransform(crop_px=cfg.crop_px, flips=cfg.flips, rot90=cfg.rot90,
-                               color_jitter=cfg.color_jitter, stain_jitter=cfg.stain_jitter,
+    transform = TrainTransform(crop_px=cfg.crop_px, scale_jitter=cfg.scale_jitter, flips=cfg.flips,
+                               rot90=cfg.rot90, color_jitter=cfg.color_jitter, stain_jitter=cfg.stain_jitter,
                                stain_bias=cfg.stain_bias)
     split_distance = cfg.contour_fallback_distance if cfg.contour_fallback == "watershed" else None
     train_ds = SegmentationDataset(data, "train", transform=transform, seed=cfg.seed, annotated_ids=annotated,

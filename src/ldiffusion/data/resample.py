@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["resize_image", "resize_maps", "resize_proba", "scaled_size"]
+__all__ = ["resize_image", "resize_maps", "resize_maps_to", "resize_proba", "scaled_size"]
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
@@ -50,7 +50,14 @@ def resize_maps(image: np.ndarray, label: np.ndarray, inst: np.ndarray | None,
     """
     if scale == 1.0:
         return image, label, inst
-    size = scaled_size(label.shape[0], label.shape[1], scale)
+    return resize_maps_to(image, label, inst, scaled_size(label.shape[0], label.shape[1], scale))
+
+
+def resize_maps_to(image: np.ndarray, label: np.ndarray, inst: np.ndarray | None,
+                   size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`resize_maps` to an exact (height, width) `size`; the inputs come back unchanged at that size."""
+    if tuple(label.shape) == tuple(size):
+        return image, label, inst
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
     small = resize_image(x, size)[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 

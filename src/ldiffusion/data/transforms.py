@@ -1,8 +1,9 @@
 """Paired image / mask augmentation driven by an explicit `torch.Generator`.
 
 Geometric operations (crop, pad, flips, 90-degree rotations) are exact pixel permutations, so
-labels and instance maps keep their value set: masks are never interpolated. Stain (H&E) and
-colour jitter touch the image only.
+labels and instance maps keep their value set. The optional scale jitter resizes the crop (image
+bilinear, masks nearest neighbour), so masks still take no new values. Stain (H&E) and colour
+jitter touch the image only.
 
 Arrays are numpy, channels last: image (H, W, 3) uint8, label (H, W) integer class ids,
 inst (H, W) integer instance ids. The same generator state gives the same output.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Literal
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 
 from ldiffusion.core.config import Config, check_range
 from ldiffusion.core.errors import ConfigError, InputError
+from ldiffusion.data.resample import resize_maps, resize_maps_to
 
 logger = logging.getLogger(__name__)
 
@@ -205,10 +208,14 @@ def color_jitter(image: np.ndarray, strength: float, *, generator: torch.Generat
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainTransform(Config):
-    """Training augmentation: random crop, flips, 90-degree rotations, colour jitter.
+    """Training augmentation: random crop, scale jitter, flips, 90-degree rotations, colour jitter.
 
     Attributes:
         crop_px: side of the random square crop, or None to keep the full image.
+        scale_jitter: magnification jitter j in [0, 1] (0 = off): each sample is resized by a factor
+            s drawn log-uniformly from [1 / (1 + j), 1 + j], so objects appear up to (1 + j) times
+            larger or smaller, as on a slide scanned at another resolution. With `crop_px` the crop
+            is cut at side round(crop_px / s) and resized to `crop_px`.
         flips: random horizontal and vertical flips (p = 0.5 each).
         rot90: random rotation by k * 90 degrees, k uniform in {0, 1, 2, 3}.
         color_jitter: jitter strength in [0, 1] for the image only (0 = off).
@@ -219,6 +226,7 @@ class TrainTransform(Config):
     """
 
     crop_px: int | None = None
+    scale_jitter: float = 0.0
     flips: bool = True
     rot90: bool = True
     color_jitter: float = 0.0
@@ -232,6 +240,7 @@ class TrainTransform(Config):
             raise ConfigError(
                 f"crop_px={self.crop_px!r} is out of range; expected a positive integer or None"
             )
+        check_range("scale_jitter", self.scale_jitter, 0.0, 1.0)
         check_range("color_jitter", self.color_jitter, 0.0, 1.0)
         check_range("stain_jitter", self.stain_jitter, 0.0, 0.99)
         check_range("stain_bias", self.stain_bias, 0.0, 1.0)
@@ -258,7 +267,8 @@ class TrainTransform(Config):
 
         Returns:
             (image, label, inst) as contiguous arrays with the same dtypes; spatial size
-            (crop_px, crop_px) when `crop_px` is set, else (H, W) or (W, H) after a rotation.
+            (crop_px, crop_px) when `crop_px` is set, else (H, W) (times the drawn scale with
+            `scale_jitter`) or its transpose after a rotation.
 
         Raises:
             InputError: the arrays have mismatched sizes.
@@ -272,16 +282,21 @@ class TrainTransform(Config):
                 f"expected image (H, W, 3), label (H, W) and inst (H, W) of equal H, W; got {image.shape}, "
                 f"{label.shape}, {None if inst is None else inst.shape}"
             )
+        scale = self._draw_scale(generator)
         if self.crop_px is not None:
+            side = self.crop_px if scale == 1.0 else max(1, round(self.crop_px / scale))
             image, label, inst = random_crop(
                 image,
                 label,
                 inst,
-                self.crop_px,
+                side,
                 generator=generator,
                 ignore_index=self.ignore_index,
                 pad_mode=self.pad_mode,
             )
+            image, label, inst = resize_maps_to(image, label, inst, (self.crop_px, self.crop_px))
+        elif scale != 1.0:
+            image, label, inst = resize_maps(image, label, inst, scale)
         if self.flips:
             for axis in (0, 1):
                 if _randint(2, generator):
@@ -301,3 +316,11 @@ class TrainTransform(Config):
             np.ascontiguousarray(label),
             np.ascontiguousarray(inst) if inst is not None else None,
         )
+
+    def _draw_scale(self, generator: torch.Generator) -> float:
+        """Return the resize factor of one sample: 1 when `scale_jitter` is 0 (no draw), else
+        log-uniform in [1 / (1 + j), 1 + j]."""
+        if self.scale_jitter <= 0:
+            return 1.0
+        bound = math.log1p(self.scale_jitter)
+        return math.exp(_uniform(-bound, bound, generator))

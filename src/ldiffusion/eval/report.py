@@ -62,10 +62,14 @@ def _clean(x: Any) -> Any:
     return x
 
 
+#: appended to the convention of a `binary=True` evaluation
+BINARY_NOTE = "; foreground classes merged into one (binary)"
+
+
 def evaluate_folder(pred_dir: str | os.PathLike[str], data_root: str | os.PathLike[str],
                     split: str = "test", foreground_only: bool = False, instances: bool = False,
                     watershed: bool = False, gland: bool | None = None, min_size: int = 10,
-                    progress: bool = True, min_distance: int = 3) -> dict[str, Any]:
+                    progress: bool = True, min_distance: int = 3, binary: bool = False) -> dict[str, Any]:
     """Score predictions against the labels of one split of a prepared data set.
 
     Args:
@@ -80,6 +84,9 @@ def evaluate_folder(pred_dir: str | os.PathLike[str], data_root: str | os.PathLi
             maps (not applied to `<id>_inst.png` files).
         progress: show a progress bar on stderr.
         min_distance: minimal distance (px) between watershed markers (with `watershed`).
+        binary: merge every foreground class into one, in the truth and in the predictions, and
+            score background / foreground only: a one-class model (nuclei trained on MoNuSeg) on a
+            typed data set (CoNSeP's nucleus types), or a typed model as a detector.
 
     Returns:
         {"dataset", "split", "n_images", "convention", "semantic": {dice, miou, mpa, fwiou, ...,
@@ -110,9 +117,12 @@ def evaluate_folder(pred_dir: str | os.PathLike[str], data_root: str | os.PathLi
     if gland and not inst_dir.is_dir():
         raise InputError(f"{inst_dir}: not found; gland metrics need truth instance maps")
     k, ign = info.num_classes, info.ignore_index
+    class_names = info.class_names
+    if binary:
+        k, class_names = 2, [class_names[0], "foreground"]
     cm = ConfusionMatrix(k, ign)
     per_image = PerImageMean(k, foreground_only)
-    pq_acc = PQAccumulator(k, class_names=info.class_names) if instances else None
+    pq_acc = PQAccumulator(k, class_names=class_names) if instances else None
     gland_acc = GlandAccumulator() if gland else None
     skipped_inst: list[str] = []
     with logging_redirect_tqdm():
@@ -121,6 +131,9 @@ def evaluate_folder(pred_dir: str | os.PathLike[str], data_root: str | os.PathLi
             truth_path = root / "labels" / f"{case}.png"
             truth = read_mask(truth_path)
             pred = _read_pred(pred_dir / f"{case}.png", truth.shape, truth_path)
+            if binary:
+                truth = np.where(truth == ign, ign, truth != 0).astype(truth.dtype)
+                pred = (pred != 0).astype(pred.dtype)
             per_image.update(cm.update(truth, pred))
             if pq_acc is None and gland_acc is None:
                 continue
@@ -148,13 +161,13 @@ def evaluate_folder(pred_dir: str | os.PathLike[str], data_root: str | os.PathLi
     if skipped_inst:
         logger.warning("%d of %d images have no truth instance map (instances/<id>.png) and are left out "
                        "of the instance metrics, e.g. %s", len(skipped_inst), len(ids), skipped_inst[0])
-    sem = semantic_scores(cm.matrix, foreground_only=foreground_only, class_names=info.class_names,
+    sem = semantic_scores(cm.matrix, foreground_only=foreground_only, class_names=class_names,
                           ignore_index=ign)
     result: dict[str, Any] = {
         "dataset": info.name, "split": split, "n_images": len(ids),
-        "convention": sem.pop("convention"),
+        "convention": sem.pop("convention") + (BINARY_NOTE if binary else ""),
         "semantic": sem,
-        "per_image_mean": per_image.result(info.class_names),
+        "per_image_mean": per_image.result(class_names),
         "confusion_matrix": cm.matrix.tolist(),
     }
     if pq_acc is not None:

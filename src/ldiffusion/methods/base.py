@@ -75,6 +75,9 @@ class MethodConfig(Config):
             (`train.schedule`). Multiplies a method's own decay (LDSeg's `lr_decay`).
         grad_clip: clip the gradient norm of each optimiser's parameters (None = off).
         flips, rot90, color_jitter: training augmentation.
+        scale_jitter: magnification augmentation j (`data.transforms.TrainTransform`): each crop is
+            resized by a log-uniform factor in [1 / (1 + j), 1 + j], for slides scanned at another
+            resolution; 0 = off.
         stain_jitter, stain_bias: H&E stain augmentation (`data.transforms.stain_jitter`): density
             scale range and shift range; 0 = off.
         target: "semantic" learns the data set's class map; "contour" (instance data sets) adds a
@@ -128,6 +131,7 @@ class MethodConfig(Config):
     flips: bool = True
     rot90: bool = True
     color_jitter: float = 0.0
+    scale_jitter: float = 0.0
     stain_jitter: float = 0.0
     stain_bias: float = 0.0
     target: Target = "semantic"
@@ -156,6 +160,7 @@ class MethodConfig(Config):
         check_range("num_workers", self.num_workers, 0)
         check_range("input_scale", self.input_scale, 0.0, 1.0, lo_open=True)
         check_range("color_jitter", self.color_jitter, 0.0, 1.0)
+        check_range("scale_jitter", self.scale_jitter, 0.0, 1.0)
         check_range("stain_jitter", self.stain_jitter, 0.0, 0.99)
         check_range("stain_bias", self.stain_bias, 0.0, 1.0)
         check_range("boundary_px", self.boundary_px, 1, 64)

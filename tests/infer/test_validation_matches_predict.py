@@ -49,3 +49,32 @@ def test_tta_averages_the_eight_views():
     # TTA output is invariant to flipping the input (the 8 views form a group)
     flipped = predict_image(method, np.ascontiguousarray(image[:, ::-1]), tta=True)
     torch.testing.assert_close(flipped.flip(-1), tta, atol=1e-4, rtol=1e-4)
+
+
+def test_class_bias_reweights_every_prediction_path():
+    from ldiffusion.core.errors import InputError
+    from ldiffusion.methods.sliding import scaled_predict_proba
+
+    torch.manual_seed(0)
+    image = np.random.default_rng(2).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+
+    def method_with(sets):
+        torch.manual_seed(0)
+        return create_method("unet", resolve_config("unet", None, "tiny", ["crop_px=32", *sets]),
+                             num_classes=3).eval()
+
+    plain = method_with([])
+    biased = method_with(["class_bias=[0.0, 1.5, -0.5]"])
+    assert biased.cfg.class_bias == (0.0, 1.5, -0.5)
+    p = predict_image(plain, image)
+    q = predict_image(biased, image)
+    w = torch.tensor([1.0, np.exp(1.5), np.exp(-0.5)], dtype=torch.float32).view(3, 1, 1)
+    torch.testing.assert_close(q, p * w / (p * w).sum(0, keepdim=True), atol=1e-5, rtol=1e-5)
+    assert (q.argmax(0) == 1).sum() > (p.argmax(0) == 1).sum()  # the decision moves towards class 1
+    # the slide path (tiles at the input's resolution) applies the same reweighting
+    x = torch.from_numpy(image.transpose(2, 0, 1).copy()).float()[None] / 255.0
+    with torch.no_grad():
+        a, b = scaled_predict_proba(plain, x[..., :32, :32]), scaled_predict_proba(biased, x[..., :32, :32])
+    torch.testing.assert_close(b, a * w[None] / (a * w[None]).sum(1, keepdim=True), atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="class_bias"):
+        predict_image(method_with(["class_bias=[0.0, 1.0]"]), image)

@@ -89,6 +89,11 @@ class MethodConfig(Config):
             (`data.targets.instances_from_contour`); an inference-time key (`predict --set`), best chosen
             on validation predictions (`benchmarks/choose_min_object.py`). In the prediction's pixels
             (the files' resolution, whatever `input_scale`).
+        class_bias: per-class offsets b (K values, background first) added to the log-probabilities
+            before every class decision (`methods.sliding.apply_class_bias`: p_c ∝ p_c · exp(b_c));
+            None = off. An inference-time key (`predict --set`), chosen on validation predictions
+            (`benchmarks/choose_class_bias.py`), e.g. to undo the over-prediction of rare classes
+            that class-weighted training leaves.
         marker_threshold, marker_erosion_px: re-draw the markers of a contour prediction before its
             watershed (`data.targets.redraw_markers`): interior where the interior probability
             exceeds the threshold (None: the arg-max), then eroded by a disc of this radius in the
@@ -137,6 +142,7 @@ class MethodConfig(Config):
     target: Target = "semantic"
     boundary_px: int = 2
     min_object_px: int = 10
+    class_bias: tuple[float, ...] | None = None
     marker_threshold: float | None = None
     marker_erosion_px: int = 0
     contour_fallback: ContourFallback = "components"
@@ -165,6 +171,9 @@ class MethodConfig(Config):
         check_range("stain_bias", self.stain_bias, 0.0, 1.0)
         check_range("boundary_px", self.boundary_px, 1, 64)
         check_range("min_object_px", self.min_object_px, 0)
+        if self.class_bias is not None:
+            for i, b in enumerate(self.class_bias):
+                check_range(f"class_bias[{i}]", b, -50.0, 50.0)
         if self.marker_threshold is not None:
             check_range("marker_threshold", self.marker_threshold, 0.0, 1.0, lo_open=True)
         check_range("marker_erosion_px", self.marker_erosion_px, 0, 256)

@@ -14,6 +14,10 @@ probabilities over the 8 flips / 90-degree rotations of each tile.
 A method trained at a working resolution (`MethodConfig.input_scale` s < 1) has the whole image
 resized by s first (`data.resample`), tiled and predicted there, and its probabilities resized back,
 so the output always has the input's size; tiles are then in working pixels.
+
+A model's `class_bias` (an inference-time key chosen on validation, `benchmarks/choose_class_bias.py`)
+reweights the final probabilities (`apply_class_bias`), so the class maps, saved probabilities and
+object post-processing of `predict`, validation and `slide predict` all see the same decision.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from ldiffusion.core.errors import InputError
 from ldiffusion.data.resample import resize_image, resize_proba, scaled_size
 from ldiffusion.infer.tiling import gaussian_weight, tile_starts  # pure geometry (numpy), no model code
 
-__all__ = ["default_tile_px", "input_scale", "scaled_predict_proba", "sliding_window_proba"]
+__all__ = [
+    "apply_class_bias", "default_tile_px", "input_scale", "scaled_predict_proba", "sliding_window_proba",
+]
 
 #: smallest inference tile of wide-context methods, and the largest image predicted in one piece.
 WIDE_TILE_PX, WHOLE_IMAGE_PX = 512, 1024
@@ -71,7 +77,7 @@ def scaled_predict_proba(segmenter: Any, x: torch.Tensor, *,
     """
     scale = input_scale(segmenter)
     if scale == 1.0:
-        return segmenter.predict_proba(x, generator=generator)
+        return apply_class_bias(segmenter, segmenter.predict_proba(x, generator=generator))
     h, w = x.shape[-2:]
     size = scaled_size(h, w, scale)
     d = max(int(getattr(segmenter, "size_divisor", 1)), 1)
@@ -79,7 +85,7 @@ def scaled_predict_proba(segmenter: Any, x: torch.Tensor, *,
     ph, pw = -size[0] % d, -size[1] % d
     small = F.pad(small, (0, pw, 0, ph), mode="replicate") if (ph or pw) else small
     p = segmenter.predict_proba(small, generator=generator)[..., :size[0], :size[1]]
-    return resize_proba(p, (h, w))
+    return apply_class_bias(segmenter, resize_proba(p, (h, w)))
 
 
 def _dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
@@ -141,17 +147,43 @@ def sliding_window_proba(segmenter: Any, x: torch.Tensor, *, tile_px: int | None
     if x.ndim != 4 or x.shape[0] != 1:
         raise InputError(f"expected one image (1, C, H, W), got {tuple(x.shape)}")
     scale = input_scale(segmenter)
+    unc: torch.Tensor | None = None
     if scale != 1.0:  # predict at the working resolution, then resize back to the input's size
         full = tuple(x.shape[-2:])
         out = _sliding(segmenter, resize_image(x, scaled_size(*full, scale)), tile_px, overlap_px, batch_size,
                        generator, return_uncertainty, n_samples, tta)
-        if return_uncertainty:
-            probs, unc = out
+        probs, unc = out if return_uncertainty else (out, None)
+        if unc is not None:
             unc = F.interpolate(unc[None, None], size=full, mode="bilinear", align_corners=False)[0, 0]
-            return resize_proba(probs[None], full)[0], unc
-        return resize_proba(out[None], full)[0]
-    return _sliding(segmenter, x, tile_px, overlap_px, batch_size, generator, return_uncertainty, n_samples,
-                    tta)
+        probs = resize_proba(probs[None], full)[0]
+    else:
+        out = _sliding(segmenter, x, tile_px, overlap_px, batch_size, generator, return_uncertainty,
+                       n_samples, tta)
+        probs, unc = out if return_uncertainty else (out, None)
+    probs = apply_class_bias(segmenter, probs[None])[0]
+    return (probs, unc) if return_uncertainty else probs
+
+
+def apply_class_bias(segmenter: Any, probs: torch.Tensor) -> torch.Tensor:
+    """Reweight probabilities (B, K, H, W) by the segmenter's `class_bias` b (K,): p_c ∝ p_c · exp(b_c).
+
+    Adding b to the log-probabilities moves the arg-max decision between classes (a prior correction,
+    for example of a model trained with class weights that over-predicts the rare classes). None
+    (the default) returns `probs` unchanged.
+
+    Raises:
+        InputError: `class_bias` has not one value per class.
+    """
+    bias = getattr(getattr(segmenter, "cfg", None), "class_bias", None)
+    if bias is None:
+        return probs
+    k = probs.shape[1]
+    if len(bias) != k:
+        raise InputError(f"class_bias={list(bias)} has {len(bias)} values; the model has {k} classes "
+                         f"(one value per class, background first)")
+    w = torch.exp(torch.tensor(bias, dtype=probs.dtype, device=probs.device)).view(1, k, 1, 1)
+    out = probs * w
+    return out / out.sum(1, keepdim=True).clamp_min(1e-12)
 
 
 def _sliding(segmenter: Any, x: torch.Tensor, tile_px: int | None, overlap_px: int | None, batch_size: int,

@@ -28,6 +28,7 @@ import numpy as np
 
 from ldiffusion.core.io import write_json
 from ldiffusion.data.format import read_dataset_info, read_mask
+from ldiffusion.eval.semantic import semantic_scores
 from ldiffusion.infer.predict import predict_folder
 from ldiffusion.methods import load_segmenter
 
@@ -50,16 +51,14 @@ def load_split(prob_dir: Path, data: Path, split: str, ignore_index: int,
 
 
 def foreground_dice(log_prob: np.ndarray, truth: np.ndarray, bias: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean foreground Dice (classes present in truth or prediction) and per-class Dice (K,) of the
-    arg-max of `log_prob + bias`, from one confusion matrix."""
+    """Mean foreground Dice and per-class Dice (K,) (NaN where undefined) of the arg-max of
+    `log_prob + bias`, from one confusion matrix with `evaluate`'s convention (`semantic_scores`)."""
     k = log_prob.shape[0]
     pred = np.argmax(log_prob + bias[:, None], 0)
     cm = np.bincount(truth * k + pred, minlength=k * k).reshape(k, k)
-    tp = np.diag(cm).astype(np.float64)
-    denom = cm.sum(0) + cm.sum(1)
-    dice = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
-    fg = dice[1:]
-    return float(np.nanmean(fg)) if not np.isnan(fg).all() else 0.0, dice
+    scores = semantic_scores(cm, foreground_only=True)
+    dice = np.array([np.nan if c["dice"] is None else c["dice"] for c in scores["per_class"]])
+    return float(scores["dice"] or 0.0), dice
 
 
 def fit_bias(log_prob: np.ndarray, truth: np.ndarray, grid: np.ndarray, rounds: int) -> np.ndarray:

@@ -17,13 +17,14 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from ldiffusion.core.io import atomic_write_bytes, read_json, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def score(name: str, run: Path, data: Path, split: str, work: Path, threads: int
              "--no-progress"], threads)
     run_cli(["evaluate", "--pred", str(pred), "--data", str(data), "--split", split, "--binary",
              "--foreground-only", "--out", str(metrics), "--no-progress"], threads)
-    res = json.loads(metrics.read_text())
+    res = read_json(metrics)
     sem = res["semantic"]
     return {"name": name, "run": str(run), "split": split, "n_images": res["n_images"],
             "nucleus_dice": sem["dice"], "nucleus_iou": sem["miou"], "nucleus_recall": sem["mpa"],
@@ -81,10 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r['name']} | {r['split']} | {r['n_images']} | {100 * r['nucleus_dice']:.1f} | "
               f"{100 * r['per_image_dice']:.1f} | {100 * r['nucleus_recall']:.1f} |" for r in rows]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=1) + "\n")
-    tmp.replace(args.out)
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_json(args.out, res)
+    atomic_write_bytes(args.out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
     return 0
 

@@ -256,6 +256,19 @@ def test_inference_checkpoint_has_no_discriminator(tmp_path):
     assert torch.equal(m.predict_proba(img, generator=_gen(2)), other.predict_proba(img, generator=_gen(2)))
 
 
+def test_generator_betas_key():
+    """g_betas sets the generator's Adam betas alone; D keeps the paper's betas; null means betas."""
+    m = _method(crop_px=32, attn_scale=8, g_betas=[0.9, 0.999])
+    opts = m.stages()[0].optimizers
+    assert opts["g"].betas == (0.9, 0.999)
+    assert opts["d"].betas == (0.5, 0.9)
+    assert _method(crop_px=32, attn_scale=8).stages()[0].optimizers["g"].betas == (0.5, 0.9)
+    with pytest.raises(ConfigError, match="g_betas"):
+        CDALConfig.from_dict({"g_betas": [0.9]})
+    with pytest.raises(ConfigError, match="g_betas"):
+        CDALConfig.from_dict({"g_betas": [0.9, 1.5]})
+
+
 # ---------------------------------------------------------------------------------------------- training
 def test_training_step_losses_and_stages():
     m = _method(crop_px=32, attn_scale=8)

@@ -111,7 +111,9 @@ class CDALConfig(MethodConfig):
         d_ngf, d_t_emb_dim, d_n_down, d_variant, d_init: discriminator layout and init
             ("normal" = N(0, 0.02) conv weights, monu/lung script).
         lr_g, lr_d: Adam learning rates (the shared ``lr`` field is not used by cDAL).
-        betas: Adam betas of both optimisers.
+        betas: Adam betas of both optimisers (the paper's GAN setting 0.5, 0.9).
+        g_betas: Adam betas of the generator alone (None = ``betas``, the paper). Not in the paper:
+            β1 = 0.5 suits the adversarial game of D, while G is trained by a supervised regression.
         r1_gamma: R1 weight γ (penalty γ/2 · E‖∇D‖²); 0 turns it off.
         lazy_r1: apply R1 every this many discriminator updates (1 = every update); not rescaled.
         d_every: update D on every this-many-th training step only (1 = every step, the paper);
@@ -163,6 +165,7 @@ class CDALConfig(MethodConfig):
     lr_d: float = 1e-4
     # tuple[float, ...] (+ length check): core.config._coerce swaps (type, value) for fixed-length tuples
     betas: tuple[float, ...] = (0.5, 0.9)
+    g_betas: tuple[float, ...] | None = None
     r1_gamma: float = 1.0
     lazy_r1: int = 2
     d_every: int = 1
@@ -212,6 +215,11 @@ class CDALConfig(MethodConfig):
             raise ConfigError(f"betas={list(self.betas)} should be two numbers [beta1, beta2]")
         for i, b in enumerate(self.betas):
             check_range(f"betas[{i}]", b, 0.0, 1.0)
+        if self.g_betas is not None:
+            if len(self.g_betas) != 2:
+                raise ConfigError(f"g_betas={list(self.g_betas)} should be [beta1, beta2] or null")
+            for i, b in enumerate(self.g_betas):
+                check_range(f"g_betas[{i}]", b, 0.0, 1.0)
         check_range("r1_gamma", self.r1_gamma, 0.0)
         check_range("lambda_adv", self.lambda_adv, 0.0)
         if not self.g_ch_mult or any(m < 1 for m in self.g_ch_mult):
@@ -454,7 +462,8 @@ class CDALMethod(ClassCounting, Segmenter):
         opts: dict[str, OptimizerSpec] = {}
         if self.trains_discriminator:
             opts["d"] = OptimizerSpec(list(self.disc.parameters()), cfg.lr_d, (cfg.betas[0], cfg.betas[1]))
-        opts["g"] = OptimizerSpec(list(self.gen.parameters()), cfg.lr_g, (cfg.betas[0], cfg.betas[1]))
+        g_betas = cfg.betas if cfg.g_betas is None else cfg.g_betas
+        opts["g"] = OptimizerSpec(list(self.gen.parameters()), cfg.lr_g, (g_betas[0], g_betas[1]))
         return [Stage(name="main", optimizers=opts, steps=cfg.steps, batch_size=cfg.batch_size,
                       epochs=cfg.epochs, val_every=cfg.val_every)]
 

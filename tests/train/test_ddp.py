@@ -32,7 +32,7 @@ WORKER = textwrap.dedent('''
     from ldiffusion.data.format import read_dataset_info
     from ldiffusion.data.transforms import TrainTransform
     from ldiffusion.methods import create_method
-    from ldiffusion.train.distributed import destroy_distributed, init_distributed
+    from ldiffusion.train.distributed import destroy_distributed, exit_process, init_distributed
     from ldiffusion.train.loop import fit
 
 
@@ -88,6 +88,7 @@ WORKER = textwrap.dedent('''
             "step_diffs": step_diffs, "final_diff": final_diff,
             "seen": seen, "losses": steps, "best_score": res.best_score, "finished": res.finished}))
     destroy_distributed()
+    exit_process(0)  # as `ldiffusion train` does: gloo threads can abort the interpreter's shutdown
 ''')
 
 
@@ -100,6 +101,26 @@ def _env() -> dict[str, str]:
 def _torchrun(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_exit_process_flushes_and_keeps_the_code(tmp_path):
+    """exit_process writes what was buffered (stdout, stderr, log handlers) and exits with the code given."""
+    log = tmp_path / "run.log"
+    code = textwrap.dedent(f'''
+        import logging, sys
+        from ldiffusion.train.distributed import exit_process
+        logging.basicConfig(filename={str(log)!r}, level=logging.INFO)
+        logging.getLogger("x").info("logged line")
+        sys.stdout.write("out line")
+        sys.stderr.write("err line")
+        exit_process(3)
+        print("not reached")
+    ''')
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 3
+    assert proc.stdout == "out line" and proc.stderr == "err line"
+    assert "logged line" in log.read_text()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

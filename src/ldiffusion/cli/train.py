@@ -207,10 +207,13 @@ def register(app: typer.Typer) -> None:
                 from ldiffusion.train.distributed import destroy_distributed
 
                 destroy_distributed()
-        if not is_main:
-            return
-        score = "n/a" if result.best_score is None else f"{result.best_score:.4f}"
-        print(
-            f"trained {method} -> {out} (best validation score {score}; weights {out / 'model.safetensors'}, "
-            f"log {out / 'metrics.jsonl'})"
-        )
+        if is_main:
+            score = "n/a" if result.best_score is None else f"{result.best_score:.4f}"
+            print(
+                f"trained {method} -> {out} (best validation score {score}; weights "
+                f"{out / 'model.safetensors'}, log {out / 'metrics.jsonl'})"
+            )
+        if world_size > 1:
+            from ldiffusion.train.distributed import exit_process
+
+            exit_process(0)

@@ -100,6 +100,27 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
+def exit_process(code: int = 0) -> None:
+    """Flush stdout, stderr and the log handlers, then end this rank's process with ``code``.
+
+    Skips the interpreter's shutdown. After `destroy_distributed` gloo's worker threads can still be
+    alive (something inside torch keeps the process group referenced); when one of them releases a
+    collective's tensor while Python is finalising, it cannot take the GIL and the process aborts
+    with "terminate called without an active exception" (seen in a core dump: the thread was in
+    ``~AsyncAllgatherWork`` -> ``decref_pyobject`` -> ``take_gil`` during ``Py_FinalizeEx``), so
+    `torchrun` reports a failed run after every output was written. Call it last, on every rank.
+    """
+    import contextlib
+    import os
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing left to save
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if world().distributed:
@@ -207,5 +228,5 @@ def all_reduce_mean(values: dict[str, float], weight: float, device: torch.devic
 
 
 __all__ = ["World", "all_reduce_grads", "all_reduce_mean", "any_rank", "barrier", "broadcast_module",
-           "broadcast_norm_buffers", "broadcast_object", "destroy_distributed", "init_distributed", "shard",
-           "world"]
+           "broadcast_norm_buffers", "broadcast_object", "destroy_distributed", "exit_process",
+           "init_distributed", "shard", "world"]

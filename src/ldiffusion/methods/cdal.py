@@ -211,15 +211,13 @@ class CDALConfig(MethodConfig):
         check_range("dropout", self.dropout, 0.0, 1.0)
         check_range("lr_g", self.lr_g, 0.0, lo_open=True)
         check_range("lr_d", self.lr_d, 0.0, lo_open=True)
-        if len(self.betas) != 2:
-            raise ConfigError(f"betas={list(self.betas)} should be two numbers [beta1, beta2]")
-        for i, b in enumerate(self.betas):
-            check_range(f"betas[{i}]", b, 0.0, 1.0)
-        if self.g_betas is not None:
-            if len(self.g_betas) != 2:
-                raise ConfigError(f"g_betas={list(self.g_betas)} should be [beta1, beta2] or null")
-            for i, b in enumerate(self.g_betas):
-                check_range(f"g_betas[{i}]", b, 0.0, 1.0)
+        for key, pair in (("betas", self.betas), ("g_betas", self.g_betas)):
+            if pair is None:
+                continue
+            if len(pair) != 2:
+                raise ConfigError(f"{key}={list(pair)} should be two numbers [beta1, beta2]")
+            for i, b in enumerate(pair):
+                check_range(f"{key}[{i}]", b, 0.0, 1.0)
         check_range("r1_gamma", self.r1_gamma, 0.0)
         check_range("lambda_adv", self.lambda_adv, 0.0)
         if not self.g_ch_mult or any(m < 1 for m in self.g_ch_mult):

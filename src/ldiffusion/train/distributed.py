@@ -21,9 +21,12 @@ initialised process group every helper is a no-op, so single-process runs are un
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
+import os
+import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -110,10 +113,6 @@ def exit_process(code: int = 0) -> None:
     ``~AsyncAllgatherWork`` -> ``decref_pyobject`` -> ``take_gil`` during ``Py_FinalizeEx``), so
     `torchrun` reports a failed run after every output was written. Call it last, on every rank.
     """
-    import contextlib
-    import os
-    import sys
-
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing left to save
             stream.flush()

@@ -436,3 +436,28 @@ def test_latent_channel_keys_are_checked_by_name():
                        "image_latent_channels=4")]:
         with pytest.raises(ConfigError, match=key):
             make(**over)
+
+
+# --------------------------------------------- t at the sampler's points (issue 20, off the paper)
+def test_grid_t_share_draws_the_sampler_points():
+    draw = torch.Generator
+    # p = 0 (paper): the draw is the plain uniform one, number for number
+    assert torch.equal(make().draw_t(16, draw().manual_seed(3)),
+                       torch.randint(0, 1000, (16,), generator=draw().manual_seed(3)))
+    # p = 1 with K = 2: every t is T-1, the one point where the 2-step sampler calls the denoiser
+    assert make(grid_t_share=1.0).draw_t(32, draw().manual_seed(0)).tolist() == [999] * 32
+    # p = 1 with K = 3: only the grid points above 0, both of them
+    points = set(ddim_grid(1000, 3)[:-1].long().tolist())
+    t3 = make(grid_t_share=1.0, ddim_steps=3).draw_t(64, draw().manual_seed(0))
+    assert set(t3.tolist()) == points == {999, 500}
+    # p = 0.5: about half of the draws at T-1, the rest spread over {0..T-1}
+    half = make(grid_t_share=0.5).draw_t(4000, draw().manual_seed(0))
+    share = (half == 999).float().mean().item()
+    assert 0.46 < share < 0.54
+    assert len(set(half[half != 999].tolist())) > 500
+    # the training pass uses it
+    m = make(grid_t_share=1.0)
+    b = batch(2)
+    assert m.forward_train(b["image"], b["label"], draw().manual_seed(0))["t"].tolist() == [999, 999]
+    with pytest.raises(ConfigError, match="grid_t_share"):
+        make(grid_t_share=1.5)

@@ -4,6 +4,7 @@ Training (one step, [P Alg. 1], METHODS Part 2 §3)::
 
     z_i = E_img(x);  z0 = E_lab(y)                       # (B, C, H/s, W/s) each, s = latent_stride, C = 1
     t ~ U{0..T-1} per sample;  eps ~ N(0, I) per sample  # `t_per_batch`, `shared_noise` = code variants
+                                                         # `grid_t_share`: some t at the sampler's points
     z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps         # cosine schedule, T = 1000
     eps_hat = Den([z_t || z_i], t)
     z_dn = z_t - eps_hat                                 # eq. 12 literal (`zdn_mode="x0"`: exact x0)
@@ -273,6 +274,13 @@ class LDSegConfig(MethodConfig):
             to a neighbouring class id; C_z > 1 gives each class room of its own (issue 20).
         image_latent_channels: C_i, channels of the image condition z_i (1 = paper). Not in the paper:
             with C_i = 1 the denoiser sees the image only through one scalar per block.
+        grid_t_share: share p of the training draws of t taken from the sampler's own points instead of
+            U{0..T-1} (0 = paper). Each draw is, with probability p, a point of the DDIM grid above 0
+            (chosen uniformly among them; with K = 2 always T-1), else uniform. Not in the paper: at
+            K = 2 inference runs the denoiser at t = T-1 only, where z_t is almost pure noise and the
+            image condition alone carries the label, while uniform t puts about a fifth of the draws
+            where abar_t < 0.1; most steps then train the label encoder and decoder as an
+            autoencoder through z_t (issue 20).
     """
 
     arch: Literal["tiny", "small", "paper"] = "tiny"
@@ -307,6 +315,7 @@ class LDSegConfig(MethodConfig):
     class_weight_max: float = 100.0
     latent_channels: int = 1
     image_latent_channels: int = 1
+    grid_t_share: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -328,6 +337,7 @@ class LDSegConfig(MethodConfig):
         check_range("class_weight_max", self.class_weight_max, 1.0)
         check_range("latent_channels", self.latent_channels, 1)
         check_range("image_latent_channels", self.image_latent_channels, 1)
+        check_range("grid_t_share", self.grid_t_share, 0.0, 1.0)
         div = ldseg_size_divisor(self.latent_stride)
         if self.crop_px % div:
             raise ConfigError(f"crop_px={self.crop_px} should be divisible by {div} for LDSeg with "
@@ -440,6 +450,23 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         """
         return lr_decay_multiplier(step, steps_per_epoch, self.lcfg.lr_decay, self.lcfg.lr_decay_floor)
 
+    def draw_t(self, n: int, generator: torch.Generator) -> Tensor:
+        """Return n training steps t (n,) int64 on the generator's device.
+
+        Uniform in {0..T-1} (paper); with ``grid_t_share`` = p > 0 each draw is replaced, with probability p,
+        by a DDIM grid point above 0 chosen uniformly (the points where the sampler calls the denoiser).
+        With p = 0 no extra number is drawn, so the paper's random stream is unchanged.
+        """
+        cfg = self.lcfg
+        gdev = generator.device
+        t = torch.randint(0, cfg.T, (n,), generator=generator, device=gdev)
+        if cfg.grid_t_share > 0:
+            points = ddim_grid(cfg.T, cfg.ddim_steps, cfg.round_grid)[:-1].round().long().to(gdev)
+            use_grid = torch.rand((n,), generator=generator, device=gdev) < cfg.grid_t_share
+            which = torch.randint(0, len(points), (n,), generator=generator, device=gdev)
+            t = torch.where(use_grid, points[which], t)
+        return t
+
     def forward_train(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         """Run the training forward pass; return every intermediate tensor (for tests and losses).
 
@@ -455,7 +482,7 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         b = z0.shape[0]
         gdev = generator.device
         n_t = 1 if cfg.t_per_batch else b
-        t = torch.randint(0, cfg.T, (n_t,), generator=generator, device=gdev).to(z0.device).expand(b)
+        t = self.draw_t(n_t, generator).to(z0.device).expand(b)
         eps_shape = (1, *z0.shape[1:]) if cfg.shared_noise else tuple(z0.shape)
         eps = torch.randn(eps_shape, generator=generator, device=gdev).to(z0.device, z0.dtype).expand_as(z0)
         ab = self._abar(t).to(z0.dtype).view(b, 1, 1, 1)

@@ -161,3 +161,38 @@ def test_small_discriminator_feature_resolutions():
     # METHODS §2: small D at 32 px, index -> resolution 0:32, 1:32, 2:16, 3:8, 4:4
     assert [f.shape[-1] for f in feats] == [32, 32, 16, 8, 4]
     assert d.feature_strides == [1, 1, 2, 4, 8]
+
+
+_R1_UNDER_BF16 = """
+import torch
+from ldiffusion.nets.cdal import CDALDiscriminator
+torch.manual_seed(0)
+torch.set_num_threads(1)
+disc = CDALDiscriminator(3, ngf=8)
+x_prev = torch.randn(4, 3, 256, 256)
+xt = torch.randn(4, 3, 256, 256, requires_grad=True)
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    d = disc(x_prev, xt, torch.zeros(4, dtype=torch.long))
+(grad,) = torch.autograd.grad(d.float().sum(), xt, create_graph=True)
+grad.pow(2).sum().backward()
+print("ok")
+"""
+
+
+def test_discriminator_r1_double_backward_under_bf16_does_not_crash():
+    """3 label classes (GlaS with the contour target), ngf 8, batch 4, 256 px: the shape that made oneDNN
+    raise SIGFPE on Intel AMX CPUs in the stem's double backward. A child process runs it, so that a
+    crash fails the test instead of ending pytest."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _R1_UNDER_BF16], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
+
+
+def test_discriminator_stem_runs_in_float32_under_autocast():
+    disc = CDALDiscriminator(2, ngf=4, n_down=2)
+    x = torch.randn(2, 2, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = disc.get_features(x, x, torch.zeros(2, dtype=torch.long))
+    assert feats[0].dtype == torch.float32 and feats[-1].dtype == torch.bfloat16

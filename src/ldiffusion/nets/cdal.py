@@ -600,7 +600,12 @@ class CDALDiscriminator(nn.Module):
                 "should both be (B, C_y, H, W)"
             )
         t_emb = self._t_emb(t)
-        h = self.start(torch.cat([x_prev, xt], dim=1))
+        # The 1x1 stem runs in float32: under bf16 autocast, oneDNN's AMX matmul heuristic divides by zero
+        # (SIGFPE) in the R1 double backward of this conv at 6 input and 16 output channels, batch 4, 256 px
+        # (3 label classes, ngf 8; torch 2.13 on an Intel CPU with AMX). The conv costs 2 C_y x 2 ngf MACs a
+        # pixel, so float32 costs nothing measurable.
+        with torch.autocast(device_type=xt.device.type, enabled=False):
+            h = self.start(torch.cat([x_prev, xt], dim=1).float())
         feats = [h]
         for blk in self.blocks:
             h = blk(h, t_emb)

@@ -405,6 +405,8 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         # 1 when an optimiser step has run since the EMA was last updated (part of train_state.pt).
         self.register_buffer("ema_pending", torch.zeros((), dtype=torch.int64))
         self.register_buffer("alphas_cumprod", cosine_alpha_bar(torch.arange(cfg.T), cfg.T), persistent=False)
+        # the DDIM grid points above 0, where the sampler calls the denoiser (`grid_t_share`)
+        self.grid_t = ddim_grid(cfg.T, cfg.ddim_steps, cfg.round_grid)[:-1].round().long()
         # running training pixel counts per class (class_weights; None = off); train_state.pt only
         self.init_class_counts(cfg.class_weights == "inverse_freq")
 
@@ -461,7 +463,7 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         gdev = generator.device
         t = torch.randint(0, cfg.T, (n,), generator=generator, device=gdev)
         if cfg.grid_t_share > 0:
-            points = ddim_grid(cfg.T, cfg.ddim_steps, cfg.round_grid)[:-1].round().long().to(gdev)
+            points = self.grid_t.to(gdev)
             use_grid = torch.rand((n,), generator=generator, device=gdev) < cfg.grid_t_share
             which = torch.randint(0, len(points), (n,), generator=generator, device=gdev)
             t = torch.where(use_grid, points[which], t)

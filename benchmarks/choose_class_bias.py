@@ -10,7 +10,10 @@ dataset-level mean foreground Dice, the score `evaluate` and the training's vali
 Offsets fitted on a small validation split can overfit it: the script reports the validation score
 before and after, and the test split is predicted once with the choice:
 `ldiffusion predict RUN ... --set class_bias=[...]`, or `benchmarks/accuracy.py --reuse-runs
---predict-set class_bias=[...]`.
+--predict-set class_bias=[...]`. Inference-time keys given with `--set` (e.g. LDSeg's `mean_map=softmax`:
+the mean of soft maps instead of one-hot masks, whose log-probabilities with one sample are 0 or
+log 1e-6, beyond the grid's reach) apply to the validation prediction and must be given again to the
+test prediction; the script prints both.
 
 Example:
     python benchmarks/choose_class_bias.py --run benchmarks/runs/consep/cdal-small-seed0-r18-d4-curve90 \\
@@ -88,13 +91,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="offsets tried per class (default: -6 to 6 in steps of 0.25)")
     p.add_argument("--rounds", type=int, default=3, help="coordinate-ascent passes over the classes")
     p.add_argument("--stride", type=int, default=1, help="score every stride-th pixel per axis (1 = all)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="inference-time config change, repeatable (e.g. LDSeg's mean_map=softmax: "
+                        "soft maps instead of one-hot masks); give it again to the test prediction")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=None, help="JSON output (printed either way)")
     args = p.parse_args(argv)
     if args.split.startswith("test"):
         raise SystemExit("error: choose on the validation split; the test split is read once, by evaluate")
-    segmenter: Any = load_segmenter(args.run, args.device, overrides=["class_bias=null"])
-    prob_dir = args.run / f"pred-{args.split}-prob"
+    segmenter: Any = load_segmenter(args.run, args.device, overrides=[*args.overrides, "class_bias=null"])
+    suffix = "".join(f"-{o}" for o in args.overrides)  # probabilities of other settings are kept apart
+    prob_dir = args.run / f"pred-{args.split}-prob{suffix}"
     predict_folder(segmenter, prob_dir, data_root=args.data, split=args.split, save_prob=True, progress=False)
     info = read_dataset_info(args.data)
     log_prob, truth = load_split(prob_dir, args.data, args.split, info.ignore_index, args.stride)
@@ -108,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<20} bias {bias[c]:+.2f}  "
               f"Dice {100 * dice_before[c]:5.1f} -> {100 * dice_after[c]:5.1f} %")
     flag = "class_bias=[" + ",".join(f"{b:g}" for b in bias.tolist()) + "]"
-    print(f"{args.split} mean foreground Dice {100 * before:.1f} -> {100 * after:.1f} %; "
-          f"chosen: --predict-set {flag}")
+    flags = " ".join(f"--predict-set {o}" for o in [*args.overrides, flag])
+    print(f"{args.split} mean foreground Dice {100 * before:.1f} -> {100 * after:.1f} %; chosen: {flags}")
     res = {"run": str(args.run), "data": str(args.data), "split": args.split, "classes": names,
            "class_bias": [float(b) for b in bias], "score_before": before, "score_after": after,
            "dice_before": [None if np.isnan(d) else float(d) for d in dice_before],
            "dice_after": [None if np.isnan(d) else float(d) for d in dice_after],
-           "predict_set": f"--predict-set {flag}",
+           "overrides": args.overrides, "predict_set": flags,
            "command": "python benchmarks/choose_class_bias.py "
                       + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.out is not None:

@@ -35,3 +35,32 @@ def test_fit_bias_undoes_an_over_predicted_class():
     assert per_class.shape == (3,)
     # the mean foreground Dice is evaluate's: classes 1 and 2 only
     assert after == pytest.approx(np.nanmean(per_class[1:]))
+
+
+def test_set_reaches_the_validation_prediction(synth_root, tmp_path):
+    """`--set mean_map=softmax` makes LDSeg save soft maps (one-hot masks without it) and is echoed back."""
+    import json
+    import logging
+
+    from ldiffusion.cli import main as cli
+
+    run = tmp_path / "run"
+    assert cli(["train", "--method", "ldseg", "--preset", "tiny", "--data", str(synth_root),
+                "--out", str(run), "--set", "steps=2", "--set", "val_every=0", "--no-progress",
+                "--device", "cpu"]) == 0
+    for h in list(logging.getLogger().handlers):  # drop the handler `cli` pointed at captured stderr
+        if type(h) is logging.StreamHandler:
+            logging.getLogger().removeHandler(h)
+    mod = _load()
+    fast = ["--grid", "-0.5", "0.5", "0.5", "--rounds", "1"]
+    cases = (([], "pred-val-prob"), (["--set", "mean_map=softmax"], "pred-val-prob-mean_map=softmax"))
+    for extra, folder in cases:
+        out = tmp_path / f"{folder}.json"
+        assert mod.main(["--run", str(run), "--data", str(synth_root), *fast, *extra, "--out", str(out)]) == 0
+        probs = np.stack([np.load(p) for p in sorted((run / folder).glob("*_prob.npy"))])
+        soft = bool(((probs > 0.01) & (probs < 0.99)).any())
+        assert soft == bool(extra)  # one-hot masks of one sample without the key, soft maps with it
+        res = json.loads(out.read_text())
+        assert res["overrides"] == extra[1:]
+        first = "--predict-set mean_map=softmax " if extra else ""
+        assert res["predict_set"].startswith(first + "--predict-set class_bias=[")

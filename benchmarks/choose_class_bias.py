@@ -5,7 +5,11 @@ over-predict the rare classes; one trained without them can under-predict them. 
 each class's log-probability before the arg-max moves the decision without retraining
 (`methods.sliding.apply_class_bias`). This script predicts the validation split once (probabilities
 kept), then fits b (background fixed at 0) by coordinate ascent over a grid, maximising the
-dataset-level mean foreground Dice, the score `evaluate` and the training's validation report.
+dataset-level mean Dice over all classes, background included (`--objective all`, the default). The mean
+foreground Dice alone (`--objective foreground`: the score `evaluate` and the training's validation
+report) cannot see background pixels given to a class the split hardly has, and on an LDSeg model it
+chose an offset that turned the background into that class (docs/results.md, 2026-12-07); the script
+prints both scores and every class's Dice, background included, before and after.
 
 Offsets fitted on a small validation split can overfit it: the script reports the validation score
 before and after, and the test split is predicted once with the choice:
@@ -54,8 +58,9 @@ def load_split(prob_dir: Path, data: Path, split: str, ignore_index: int,
 
 
 def foreground_dice(log_prob: np.ndarray, truth: np.ndarray, bias: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean foreground Dice and per-class Dice (K,) (NaN where undefined) of the arg-max of
-    `log_prob + bias`, from one confusion matrix with `evaluate`'s convention (`semantic_scores`)."""
+    """Mean foreground Dice and per-class Dice (K,), background first (NaN where undefined), of the
+    arg-max of `log_prob + bias`, from one confusion matrix with `evaluate`'s convention
+    (`semantic_scores`)."""
     k = log_prob.shape[0]
     pred = np.argmax(log_prob + bias[:, None], 0)
     cm = np.bincount(truth * k + pred, minlength=k * k).reshape(k, k)
@@ -64,17 +69,34 @@ def foreground_dice(log_prob: np.ndarray, truth: np.ndarray, bias: np.ndarray) -
     return float(scores["dice"] or 0.0), dice
 
 
-def fit_bias(log_prob: np.ndarray, truth: np.ndarray, grid: np.ndarray, rounds: int) -> np.ndarray:
+def objective(log_prob: np.ndarray, truth: np.ndarray, bias: np.ndarray, name: str) -> float:
+    """The score `fit_bias` maximises: "all" = mean Dice over every class defined, background included;
+    "foreground" = the mean foreground Dice of `evaluate`.
+
+    "foreground" is blind to pixels moved between the background and a class no truth pixel of the split
+    nearly has: turning background into such a class changes no foreground class's Dice but can lift
+    that class's own from 0, so an offset can flood the image with it. "all" counts the background's loss.
+    """
+    fg, dice = foreground_dice(log_prob, truth, bias)
+    if name == "foreground":
+        return fg
+    if name != "all":
+        raise ValueError(f"objective={name!r}; expected 'all' or 'foreground'")
+    return float(np.nanmean(dice))
+
+
+def fit_bias(log_prob: np.ndarray, truth: np.ndarray, grid: np.ndarray, rounds: int,
+             objective_name: str = "all") -> np.ndarray:
     """Coordinate ascent over `grid` for classes 1..K-1 (class 0 stays at 0); ties keep the current value."""
     bias = np.zeros(log_prob.shape[0], np.float32)
-    best, _ = foreground_dice(log_prob, truth, bias)
+    best = objective(log_prob, truth, bias, objective_name)
     for _ in range(rounds):
         changed = False
         for c in range(1, len(bias)):
             for g in grid:
                 trial = bias.copy()
                 trial[c] = g
-                score, _ = foreground_dice(log_prob, truth, trial)
+                score = objective(log_prob, truth, trial, objective_name)
                 if score > best + 1e-6:
                     best, bias, changed = score, trial, True
         if not changed:
@@ -90,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", type=float, nargs=3, default=[-6.0, 6.0, 0.25], metavar=("LO", "HI", "STEP"),
                    help="offsets tried per class (default: -6 to 6 in steps of 0.25)")
     p.add_argument("--rounds", type=int, default=3, help="coordinate-ascent passes over the classes")
+    p.add_argument("--objective", choices=["all", "foreground"], default="all",
+                   help="maximise the mean Dice over all classes, background included (default), or the mean "
+                        "foreground Dice alone (the scripts' rule before 2026-12-07; it can flood the "
+                        "background with a rare class)")
     p.add_argument("--stride", type=int, default=1, help="score every stride-th pixel per axis (1 = all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="inference-time config change, repeatable (e.g. LDSeg's mean_map=softmax: "
@@ -107,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     log_prob, truth = load_split(prob_dir, args.data, args.split, info.ignore_index, args.stride)
     lo, hi, step = args.grid
     grid = np.round(np.arange(lo, hi + step / 2, step), 6)
-    bias = fit_bias(log_prob, truth, grid, args.rounds)
+    bias = fit_bias(log_prob, truth, grid, args.rounds, args.objective)
     before, dice_before = foreground_dice(log_prob, truth, np.zeros_like(bias))
     after, dice_after = foreground_dice(log_prob, truth, bias)
     names = info.class_names
@@ -116,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
               f"Dice {100 * dice_before[c]:5.1f} -> {100 * dice_after[c]:5.1f} %")
     flag = "class_bias=[" + ",".join(f"{b:g}" for b in bias.tolist()) + "]"
     flags = " ".join(f"--predict-set {o}" for o in [*args.overrides, flag])
-    print(f"{args.split} mean foreground Dice {100 * before:.1f} -> {100 * after:.1f} %; chosen: {flags}")
+    print(f"{args.split} mean foreground Dice {100 * before:.1f} -> {100 * after:.1f} % (objective "
+          f"{args.objective}); chosen: {flags}")
     res = {"run": str(args.run), "data": str(args.data), "split": args.split, "classes": names,
+           "objective": args.objective,
            "class_bias": [float(b) for b in bias], "score_before": before, "score_after": after,
            "dice_before": [None if np.isnan(d) else float(d) for d in dice_before],
            "dice_after": [None if np.isnan(d) else float(d) for d in dice_after],

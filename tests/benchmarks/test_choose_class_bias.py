@@ -64,3 +64,23 @@ def test_set_reaches_the_validation_prediction(synth_root, tmp_path):
         assert res["overrides"] == extra[1:]
         first = "--predict-set mean_map=softmax " if extra else ""
         assert res["predict_set"].startswith(first + "--predict-set class_bias=[")
+
+
+def test_objective_all_does_not_flood_the_background_with_a_rare_class():
+    """A class whose few true pixels look like background: the foreground objective buys its Dice by giving
+    it the whole background (invisible to the foreground mean); the default objective counts that loss."""
+    mod = _load()
+    truth = np.array([0] * 8000 + [1] * 1990 + [2] * 10)
+    log_prob = np.empty((3, truth.size))
+    log_prob[:, truth != 1] = np.array([[0.0], [-5.0], [-6.0]])  # background and class 2 alike
+    log_prob[:, truth == 1] = np.array([[-5.0], [0.0], [-12.0]])
+    grid = np.arange(-8.0, 8.01, 0.5)
+    flood = mod.fit_bias(log_prob, truth, grid, rounds=2, objective_name="foreground")
+    kept = mod.fit_bias(log_prob, truth, grid, rounds=2)
+    for bias, n_class2 in ((flood, 8010), (kept, 0)):
+        pred = np.argmax(log_prob + bias[:, None], 0)
+        assert int((pred == 2).sum()) == n_class2
+    _, dice = mod.foreground_dice(log_prob, truth, flood)
+    assert dice[0] == 0.0 and dice[1] == 1.0  # the flood cost the background everything, class 1 nothing
+    with pytest.raises(ValueError, match="objective"):
+        mod.objective(log_prob, truth, kept, "median")

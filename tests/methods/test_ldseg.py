@@ -461,3 +461,16 @@ def test_grid_t_share_draws_the_sampler_points():
     assert m.forward_train(b["image"], b["label"], draw().manual_seed(0))["t"].tolist() == [999, 999]
     with pytest.raises(ConfigError, match="grid_t_share"):
         make(grid_t_share=1.5)
+
+
+def test_small_preset_uses_the_resnet_encoder_at_stride_8_and_paper_keeps_the_paper_encoder():
+    """`small` departs from the paper (chosen on validation, docs/results.md seventeenth run); `paper` not."""
+    from ldiffusion.nets.ldseg_resnet import ResNetImageEncoder
+
+    small = LDSegConfig.from_dict({**LDSegSegmenter.presets["small"], "preset": "small"})
+    m = LDSegSegmenter(small, num_classes=K)
+    assert isinstance(m.image_encoder, ResNetImageEncoder)
+    zi = m.image_encoder(m.preprocess(torch.rand(1, 3, 64, 64)))
+    assert zi.shape == (1, 1, 8, 8)  # one value per 8 x 8 block
+    paper = LDSegSegmenter.presets["paper"]
+    assert paper.get("image_downsampler", "encoder") == "encoder" and paper.get("latent_stride", 16) == 16

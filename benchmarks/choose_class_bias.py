@@ -73,9 +73,9 @@ def objective(log_prob: np.ndarray, truth: np.ndarray, bias: np.ndarray, name: s
     """The score `fit_bias` maximises: "all" = mean Dice over every class defined, background included;
     "foreground" = the mean foreground Dice of `evaluate`.
 
-    "foreground" is blind to pixels moved between the background and a class no truth pixel of the split
-    nearly has: turning background into such a class changes no foreground class's Dice but can lift
-    that class's own from 0, so an offset can flood the image with it. "all" counts the background's loss.
+    "foreground" is blind to pixels moved from the background to a class the split has almost no truth
+    pixels of: that changes no other foreground class's Dice but can lift this class's own from 0, so an
+    offset can flood the image with it. "all" counts the background's loss.
     """
     fg, dice = foreground_dice(log_prob, truth, bias)
     if name == "foreground":
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="coordinate-ascent passes over the classes")
     p.add_argument("--objective", choices=["all", "foreground"], default="all",
                    help="maximise the mean Dice over all classes, background included (default), or the mean "
-                        "foreground Dice alone (the scripts' rule before 2026-12-07; it can flood the "
+                        "foreground Dice alone (the script's rule before 2026-12-07; it can flood the "
                         "background with a rare class)")
     p.add_argument("--stride", type=int, default=1, help="score every stride-th pixel per axis (1 = all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.split.startswith("test"):
         raise SystemExit("error: choose on the validation split; the test split is read once, by evaluate")
     segmenter: Any = load_segmenter(args.run, args.device, overrides=[*args.overrides, "class_bias=null"])
-    suffix = "".join(f"-{o}" for o in args.overrides)  # probabilities of other settings are kept apart
+    suffix = "".join(f"-{o}".replace("/", "_") for o in args.overrides)  # other settings kept apart
     prob_dir = args.run / f"pred-{args.split}-prob{suffix}"
     predict_folder(segmenter, prob_dir, data_root=args.data, split=args.split, save_prob=True, progress=False)
     info = read_dataset_info(args.data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -37,3 +38,13 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "synth"
     make_synthetic_dataset(root, n=24, size=64, seed=0)
     return root
+
+
+@pytest.fixture
+def drop_cli_log_handlers():
+    """`ldiffusion.cli.main` points logging at the captured stderr; drop that handler when the test ends."""
+    yield
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if type(h) is logging.StreamHandler:
+            root.removeHandler(h)

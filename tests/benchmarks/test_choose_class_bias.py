@@ -37,10 +37,9 @@ def test_fit_bias_undoes_an_over_predicted_class():
     assert after == pytest.approx(np.nanmean(per_class[1:]))
 
 
-def test_set_reaches_the_validation_prediction(synth_root, tmp_path):
+def test_set_reaches_the_validation_prediction(synth_root, tmp_path, drop_cli_log_handlers):
     """`--set mean_map=softmax` makes LDSeg save soft maps (one-hot masks without it) and is echoed back."""
     import json
-    import logging
 
     from ldiffusion.cli import main as cli
 
@@ -48,9 +47,6 @@ def test_set_reaches_the_validation_prediction(synth_root, tmp_path):
     assert cli(["train", "--method", "ldseg", "--preset", "tiny", "--data", str(synth_root),
                 "--out", str(run), "--set", "steps=2", "--set", "val_every=0", "--no-progress",
                 "--device", "cpu"]) == 0
-    for h in list(logging.getLogger().handlers):  # drop the handler `cli` pointed at captured stderr
-        if type(h) is logging.StreamHandler:
-            logging.getLogger().removeHandler(h)
     mod = _load()
     fast = ["--grid", "-0.5", "0.5", "0.5", "--rounds", "1"]
     cases = (([], "pred-val-prob"), (["--set", "mean_map=softmax"], "pred-val-prob-mean_map=softmax"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import signal
@@ -36,14 +35,7 @@ FAST = ["--set", "base=4", "--set", "batch_size=2", "--set", "val_every=0", "--n
         "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _drop_cli_log_handlers():
-    """`main` points logging at this test's captured stderr; drop that handler when the test ends."""
-    yield
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if type(h) is logging.StreamHandler:
-            root.removeHandler(h)
+pytestmark = pytest.mark.usefixtures("drop_cli_log_handlers")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

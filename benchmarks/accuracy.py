@@ -246,6 +246,38 @@ def _best_val(run: Path) -> float | None:
     return best
 
 
+def _training_extent(run: Path, steps: int | None = None) -> dict[str, int]:
+    """Return {"steps", "batch_size", "crops"} of a run's last training stage, as far as the run folder tells.
+
+    `steps` is the last stage's step count (a snapshot's own count when given, else the last `stage_end` of
+    `metrics.jsonl`); `batch_size` is that stage's (`config.resolved.json`, per process); `crops` is the
+    number of training crops the stage saw, steps x batch size x processes. Learning curves against crops
+    (`plot_curves.py --x crops`) tell a method that learns less per crop from one that sees fewer crops in
+    the same minutes. Keys that the folder cannot tell are left out.
+    """
+    out: dict[str, int] = {}
+    log = run / "metrics.jsonl"
+    if steps is None and log.is_file():
+        for line in log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("type") == "stage_end" and rec.get("step") is not None:
+                steps = int(rec["step"])
+    if steps is not None:
+        out["steps"] = int(steps)
+    resolved = run / "config.resolved.json"
+    if resolved.is_file():
+        info = json.loads(resolved.read_text())
+        stages = info.get("stages") or []
+        if stages and stages[-1].get("batch_size") is not None:
+            out["batch_size"] = int(stages[-1]["batch_size"])
+            if "steps" in out:
+                out["crops"] = out["steps"] * out["batch_size"] * int(info.get("world_size", 1))
+    return out
+
+
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """Pick the headline numbers of an `evaluate` result (fractions in [0, 1], Hausdorff in px)."""
     sem = metrics.get("semantic", {})
@@ -298,6 +330,8 @@ def markdown(res: dict[str, Any]) -> str:
             label = r["method"] + (f" ({r['tag']})" if r.get("tag") else "")
             if r.get("snapshot_minutes") is not None:
                 label += f" @ {r['snapshot_minutes']:g} min ({r['steps']} steps)"
+            elif r.get("steps") is not None:
+                label += f" ({r['steps']} steps)"
             cells = [r["dataset"], part, label, _pct(m.get("dice")), _pct(m.get("miou")),
                      _pct(m.get("aji")), _pct(m.get("pq")), _pct(m.get("obj_f1")), _pct(m.get("obj_dice")),
                      "-" if haus is None else f"{haus:.1f}", "-" if val is None else f"{val:.3f}",
@@ -436,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
             if entry.get("train_s") is None and not args.dry_run:
                 entry["train_s"] = _train_seconds(out_run)
             entry["val_score"] = _best_val(out_run)
+            if not args.dry_run:
+                entry.update(_training_extent(out_run))
             if not score_run(run, args, spec, data, out_run, entry):
                 failed = True
             for minutes in args.snapshot_minutes:
@@ -450,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "snapshot_minutes": minutes, "train_s": info["elapsed_s"],
                                          "steps": info["step"], "val_score": info["best_score"],
                                          "commands": []}
+                point.update(_training_extent(out_run, steps=info["step"]))
                 res["results"].append(point)
                 if not score_run(run, args, spec, data, snap, point):
                     failed = True

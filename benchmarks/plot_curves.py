@@ -1,4 +1,4 @@
-"""Learning curves: test scores against training minutes, from `benchmarks/accuracy.py` result files.
+"""Learning curves: test scores against training minutes or crops seen, from `accuracy.py` result files.
 
 Each result row is one point: a snapshot row (`--snapshot-minutes`) at its snapshot time, a full row
 at the run's `--max-minutes` budget. `--max-minutes` caps each training stage, so a method of several
@@ -10,6 +10,11 @@ line whatever their tags. A run without
 like) is placed at the sum of those budgets. A snapshot row (taken in the last stage) is placed at
 the earlier stages' budgets plus its snapshot minutes. One panel per metric, one figure per call (one
 data set).
+
+`--x crops` places each row at the training crops its weights saw in the last stage (steps x batch
+size) instead: two methods level at equal crops but apart at equal minutes differ in speed, not in what
+they learn from a crop. `--x steps` places it at the last stage's optimiser steps (methods with
+different batch sizes differ there).
 
 Example:
     python benchmarks/plot_curves.py benchmarks/results/2026-12-05-consep-*-curve.json \\
@@ -76,20 +81,62 @@ def line_tag(tag: str) -> str:
     return re.sub(r"(-?curve[0-9.]*)?(-[0-9.]+)*$", "", tag)
 
 
-def points(files: list[Path], split: str, metric: str, stages: dict[str, int] | None = None,
-           by_method: bool = False) -> dict[str, list[tuple[float, float]]]:
-    """Return {line label: [(minutes, score %), ...] sorted by minutes} over the result files.
+def _batch_override(res: dict[str, Any], method: str) -> int | None:
+    """Return the run's `--set [METHOD:]batch_size=N`, or None (the method-specific one wins)."""
+    found: int | None = None
+    for key, _, value in (o.partition("=") for o in res.get("overrides", [])):
+        if key == f"{method}:batch_size" or (key == "batch_size" and found is None):
+            found = int(value)
+    return found
 
-    `stages` maps a method to its number of budgeted stages (full rows are placed at that many times
-    the per-stage `--max-minutes`; snapshot rows, taken in the last stage, add the earlier stages' budgets).
+
+def crops_seen(res: dict[str, Any], entry: dict[str, Any],
+               batch_sizes: dict[str, int] | None = None) -> int | None:
+    """Return the training crops a result row's weights saw in their last stage, or None when unknown.
+
+    The row's own `crops` (written by `accuracy.py` since 2026-12-07), else its `steps` x its
+    `batch_size`; rows of older files carry `steps` on snapshot rows only and no batch size, so their
+    batch size is the run's `--set batch_size=N` override, else `batch_sizes[method]` (the preset's).
+    """
+    if entry.get("crops") is not None:
+        return int(entry["crops"])
+    steps, method = entry.get("steps"), entry.get("method", "")
+    batch = entry.get("batch_size")
+    if batch is None:
+        batch = _batch_override(res, method)
+    if batch is None:
+        batch = (batch_sizes or {}).get(method)
+    return None if steps is None or batch is None else int(steps) * int(batch)
+
+
+def points(files: list[Path], split: str, metric: str, stages: dict[str, int] | None = None,
+           by_method: bool = False, x: str = "minutes", batch_sizes: dict[str, int] | None = None,
+           skipped: list[str] | None = None) -> dict[str, list[tuple[float, float]]]:
+    """Return {line label: [(x, score %), ...] sorted by x} over the result files.
+
+    `x` = "minutes": `stages` maps a method to its number of budgeted stages (full rows are placed at
+    that many times the per-stage `--max-minutes`; snapshot rows, taken in the last stage, add the
+    earlier stages' budgets). `x` = "crops": each row sits at `crops_seen` (thousands of crops); `x` =
+    "steps": at its last stage's optimiser steps (thousands). Rows with a score but no known count are
+    left out and named in `skipped`.
     """
     lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for f in files:
         res = json.loads(f.read_text())
         for e in res.get("results", []):
             score = e.get("scores", {}).get(split, {}).get(metric)
-            minutes = _budget_minutes(res, e, stages)
-            if score is None or minutes is None:
+            if score is None:
+                continue
+            if x in ("crops", "steps"):
+                count = crops_seen(res, e, batch_sizes) if x == "crops" else e.get("steps")
+                where = _budget_minutes(res, e, stages)
+                if count is None and skipped is not None:
+                    at = "?" if where is None else f"{where:g}"
+                    skipped.append(f"{f.name}: {e.get('method')} at {at} min")
+                minutes = None if count is None else count / 1000.0
+            else:
+                minutes = _budget_minutes(res, e, stages)
+            if minutes is None:
                 continue
             tag = "" if by_method else line_tag(e.get("tag") or "")
             label = e["method"] + (f" ({tag})" if tag else "")
@@ -107,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="budgeted training stages of a method (e.g. ldiffusion=3): its full rows are placed "
                         "at N x --max-minutes")
     p.add_argument("--by-method", action="store_true", help="one line per method, whatever the runs' tags")
+    p.add_argument("--x", choices=["minutes", "crops", "steps"], default="minutes",
+                   help="horizontal axis: training minutes (the budget), thousands of training crops seen "
+                        "in the last stage (steps x batch size), which tells learning per crop from crops "
+                        "per minute, or thousands of optimiser steps of the last stage")
+    p.add_argument("--batch-size", nargs="+", default=[], metavar="METHOD=N",
+                   help="with --x crops: a method's training batch size, for result rows that carry steps "
+                        "but no batch size (files written before 2026-12-07) and no --set batch_size")
     p.add_argument("--out", type=Path, required=True, help="image file (.svg or .png)")
     args = p.parse_args(argv)
     stages: dict[str, int] = {}
@@ -115,18 +169,30 @@ def main(argv: list[str] | None = None) -> int:
         if not n.isdigit() or int(n) < 1:
             p.error(f"--stages {item!r}: expected METHOD=N with N a positive integer")
         stages[method] = int(n)
+    batch_sizes: dict[str, int] = {}
+    for item in args.batch_size:
+        method, _, n = item.partition("=")
+        if not n.isdigit() or int(n) < 1:
+            p.error(f"--batch-size {item!r}: expected METHOD=N with N a positive integer")
+        batch_sizes[method] = int(n)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(args.metrics), figsize=(4.2 * len(args.metrics), 3.4), squeeze=False)
+    unit = {"crops": "k crops", "steps": "k steps"}.get(args.x, "min")
     for ax, metric in zip(axes[0], args.metrics, strict=True):
-        for label, pts in points(args.files, args.split, metric, stages, args.by_method).items():
+        skipped: list[str] = []
+        for label, pts in points(args.files, args.split, metric, stages, args.by_method, args.x, batch_sizes,
+                                 skipped).items():
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="o", label=label)
-            print(f"{metric} {label}: " + ", ".join(f"{x:g} min {y:.1f}" for x, y in pts))
-        ax.set_xlabel("training minutes (one thread)")
+            print(f"{metric} {label}: " + ", ".join(f"{x:g} {unit} {y:.1f}" for x, y in pts))
+        for item in skipped:
+            print(f"{metric}: left out (no step count or batch size): {item}")
+        ax.set_xlabel({"crops": "thousands of training crops seen", "steps": "thousands of optimiser steps"}
+                      .get(args.x, "training minutes (one thread)"))
         ax.set_ylabel(LABELS[metric])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)

@@ -71,7 +71,11 @@ def test_tiny_real_run_and_reuse(synth_root, tmp_path):
     scores = entry["scores"]["test"]
     assert 0.0 <= scores["dice"] <= 1.0 and "aji" in scores and "pq" in scores
     assert [c["command"].split()[1] for c in entry["commands"]] == ["train", "predict", "evaluate"]
-    assert "| synth | test | unet |" in (tmp_path / "res.md").read_text()
+    assert "| synth | test | unet (3 steps) |" in (tmp_path / "res.md").read_text()
+    # the training extent of the last stage: steps from the log, batch size from the resolved config
+    resolved = json.loads((Path(entry["run"]) / "config.resolved.json").read_text())
+    assert entry["steps"] == 3 and entry["batch_size"] == resolved["stages"][-1]["batch_size"]
+    assert entry["crops"] == 3 * entry["batch_size"]
 
     proc = _run(*args, "--reuse-runs", "--out", str(tmp_path / "res2.json"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -91,6 +95,8 @@ def test_snapshot_rows_are_scored(synth_root, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     full, point = json.loads((tmp_path / "res.json").read_text())["results"]
     assert point["snapshot_minutes"] == 1e-07 and point["steps"] == 1 and full.get("snapshot_minutes") is None
+    assert point["crops"] == point["batch_size"] == full["batch_size"]
+    assert full["crops"] == 3 * full["batch_size"]
     assert point["run"].endswith("snapshots/1e-07min")
     assert [c["command"].split()[1] for c in point["commands"]] == ["predict", "evaluate"]
     assert 0.0 <= point["scores"]["test"]["dice"] <= 1.0

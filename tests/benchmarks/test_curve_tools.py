@@ -118,3 +118,40 @@ def test_object_errors_names_the_cause_of_each_unmatched_true_object(tmp_path):
     grades = tmp_path / "Grade.csv"
     grades.write_text("name,patient ID, grade (GlaS)\ntrain_1,1, benign\ntrain_2,1, malignant\n")
     assert errors.read_grades(grades) == {"train_1": "benign", "train_2": "malignant"}
+
+
+def test_plot_curves_crops_axis(tmp_path):
+    """--x crops: a row's own crops, else steps x its batch size, else steps x --batch-size; others named."""
+    plot_curves = _load_script("plot_curves")
+    import json
+
+    (tmp_path / "new.json").write_text(json.dumps({"max_minutes": 90, "results": [
+        {"method": "unet", "tag": "curve90", "steps": 100, "batch_size": 8, "crops": 800,
+         "scores": {"test": {"dice": 0.5}}},
+        {"method": "unet", "tag": "curve90", "snapshot_minutes": 10, "steps": 25, "batch_size": 8,
+         "scores": {"test": {"dice": 0.3}}}]}))
+    (tmp_path / "old.json").write_text(json.dumps({"max_minutes": 90, "results": [
+        {"method": "cdal", "tag": "curve90", "scores": {"test": {"dice": 0.4}}},
+        {"method": "cdal", "tag": "curve90", "snapshot_minutes": 30, "steps": 300,
+         "scores": {"test": {"dice": 0.35}}}]}))
+    files = [tmp_path / "new.json", tmp_path / "old.json"]
+    skipped: list[str] = []
+    got = plot_curves.points(files, "test", "dice", x="crops", batch_sizes={"cdal": 4}, skipped=skipped)
+    assert got == {"cdal": [(1.2, 35.0)], "unet": [(0.2, 30.0), (0.8, 50.0)]}
+    assert skipped == ["old.json: cdal at 90 min"]
+    # without the batch size the old snapshot row is left out as well; minutes are unchanged by the option
+    skipped = []
+    assert plot_curves.points(files, "test", "dice", x="crops", skipped=skipped) == {
+        "unet": [(0.2, 30.0), (0.8, 50.0)]}
+    assert len(skipped) == 2
+    assert plot_curves.points(files, "test", "dice")["cdal"] == [(30.0, 35.0), (90.0, 40.0)]
+    # a run's own --set batch_size wins over the preset's given with --batch-size
+    (tmp_path / "b8.json").write_text(json.dumps({"overrides": ["cdal:batch_size=8", "cdal:steps=9"],
+                                                  "results": [
+        {"method": "cdal", "tag": "b8-curve90", "snapshot_minutes": 30, "steps": 300,
+         "scores": {"test": {"dice": 0.3}}}]}))
+    got = plot_curves.points([tmp_path / "b8.json"], "test", "dice", x="crops", batch_sizes={"cdal": 4})
+    assert got == {"cdal (b8)": [(2.4, 30.0)]}
+    # --x steps: the row's steps, whatever the batch size
+    got = plot_curves.points([*files, tmp_path / "b8.json"], "test", "dice", x="steps")
+    assert got == {"cdal": [(0.3, 35.0)], "cdal (b8)": [(0.3, 30.0)], "unet": [(0.025, 30.0), (0.1, 50.0)]}

@@ -20,6 +20,15 @@ def test_resolve_precision_auto_follows_the_hardware(monkeypatch: pytest.MonkeyP
     assert dev.resolve_precision("fp32", cpu) == "fp32"
 
 
+def test_precision_note_only_when_auto_falls_back_to_fp32_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dev, "has_native_bf16", lambda d: False)
+    assert "no native bf16" in dev.precision_note("auto", cpu)
+    assert dev.precision_note("fp32", cpu) is None  # asked for by name: nothing to tell
+    monkeypatch.setattr(dev, "has_native_bf16", lambda d: True)
+    assert dev.precision_note("auto", cpu) is None
+
+
 def test_resolve_precision_rejects_unknown_names() -> None:
     with pytest.raises(ConfigError, match=r"precision='fp8'.*auto"):
         dev.resolve_precision("fp8", torch.device("cpu"))

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ldiffusion.core.device import autocast, resolve_precision
+from ldiffusion.core.device import autocast, precision_note, resolve_precision
 from ldiffusion.core.errors import CheckpointError, ConfigError
 from ldiffusion.core.io import load_weights, read_json, write_json
 from ldiffusion.core.rng import derive_seed, make_generator, rng_state, set_rng_state, worker_init_fn
@@ -239,6 +239,9 @@ def fit(method: Any, train_ds: Dataset, val_ds: Dataset | None, out_dir: str | P
         log.reset()
     if w.is_main:
         write_json(out / RESOLVED_FILE, resolved)
+        note = precision_note(cfg.precision, device)
+        if note:
+            logger.info(note)
     ddp.broadcast_module(method)  # identical start on every rank (also a barrier after the checks above)
 
     stages = method.stages()

@@ -83,8 +83,8 @@ def precision_note(precision: str, device: torch.device) -> str | None:
     """Return a one-line note when `precision="auto"` falls back to fp32 on a CPU, else None.
 
     Training budgets are wall-clock minutes (`--max-minutes`), so a user on such a CPU should know
-    that a minute buys fewer steps: a U-Net `small` step took 6.6 s in fp32 on a 2-core AMD EPYC
-    without bf16 against about 1 s in bf16 on a 2-core Intel Xeon with AMX (docs/results.md, Speed).
+    that a minute buys fewer steps: a U-Net `small` step took 9.2 s in fp32 on a 2-core AMD EPYC
+    without bf16 against 1.0 s in bf16 on a 2-core Intel Xeon with AMX (docs/results.md, eighteenth run).
     """
     if precision != "auto" or device.type != "cpu" or resolve_precision(precision, device) != "fp32":
         return None

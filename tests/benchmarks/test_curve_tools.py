@@ -155,3 +155,19 @@ def test_plot_curves_crops_axis(tmp_path):
     # --x steps: the row's steps, whatever the batch size
     got = plot_curves.points([*files, tmp_path / "b8.json"], "test", "dice", x="steps")
     assert got == {"cdal": [(0.3, 35.0)], "cdal (b8)": [(0.3, 30.0)], "unet": [(0.025, 30.0), (0.1, 50.0)]}
+
+
+def test_step_times_reads_the_validation_cost(tmp_path):
+    """Steps every 2 s, a validation after step 2 that adds 10 s: median 2 s, one check of 10 s."""
+    import json
+
+    step_times = _load_script("step_times")
+    recs = [{"type": "step", "stage_index": 0, "step": 5, "elapsed_s": 100.0}]  # an earlier stage's step
+    recs += [{"type": "step", "stage_index": 1, "step": s, "elapsed_s": t}
+             for s, t in ((1, 2.0), (2, 4.0), (3, 16.0), (4, 18.0), (5, 20.0))]
+    recs.insert(3, {"type": "val", "stage_index": 1, "step": 2, "val_dice": 0.5})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\nnot json\n")
+    got = step_times.step_times(tmp_path)
+    assert got["steps"] == 5 and got["median_step_s"] == 2.0 and got["val_checks"] == 1
+    assert got["val_s"] == 10.0 and got["val_share"] == 0.5
+    assert step_times.main([str(tmp_path / "missing")]) == 2

@@ -241,6 +241,25 @@ def test_single_sample_has_zero_uncertainty():
     assert float(unc.abs().max()) == 0.0
 
 
+def test_val_n_samples_sets_the_chains_of_validation_only():
+    """val_n_samples changes the generator passes of validation (chains x T) and nothing after it."""
+    m = _method(n_samples=3, val_n_samples=1).eval()
+    calls = []
+    m.gen.register_forward_hook(lambda *_: calls.append(1))
+    batch = _batch(b=2)
+    score = m.validation_score([batch], _gen(0), "main")
+    assert len(calls) == 1 * m.cfg.T
+    calls.clear()
+    m.predict(batch["image"], generator=_gen(0))
+    assert len(calls) == 3 * m.cfg.T  # predict keeps n_samples
+    # val_n_samples equal to n_samples scores exactly as leaving it unset
+    same = _method(n_samples=1, val_n_samples=1).eval().validation_score([batch], _gen(0), "main")
+    assert same == _method(n_samples=1).eval().validation_score([batch], _gen(0), "main")
+    assert 0.0 <= score <= 1.0
+    with pytest.raises(ConfigError, match="val_n_samples"):
+        _cfg(val_n_samples=0)
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 def test_inference_checkpoint_has_no_discriminator(tmp_path):
     m = _method(n_samples=1).eval()

@@ -133,14 +133,14 @@ def points(files: list[Path], split: str, metric: str, stages: dict[str, int] | 
                 if count is None and skipped is not None:
                     at = "?" if where is None else f"{where:g}"
                     skipped.append(f"{f.name}: {e.get('method')} at {at} min")
-                minutes = None if count is None else count / 1000.0
+                pos = None if count is None else count / 1000.0
             else:
-                minutes = _budget_minutes(res, e, stages)
-            if minutes is None:
+                pos = _budget_minutes(res, e, stages)
+            if pos is None:
                 continue
             tag = "" if by_method else line_tag(e.get("tag") or "")
             label = e["method"] + (f" ({tag})" if tag else "")
-            lines[label].append((minutes, 100.0 * score))
+            lines[label].append((pos, 100.0 * score))
     return {k: sorted(v) for k, v in sorted(lines.items())}
 
 

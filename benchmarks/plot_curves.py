@@ -163,18 +163,19 @@ def main(argv: list[str] | None = None) -> int:
                         "but no batch size (files written before 2026-12-07) and no --set batch_size")
     p.add_argument("--out", type=Path, required=True, help="image file (.svg or .png)")
     args = p.parse_args(argv)
-    stages: dict[str, int] = {}
-    for item in args.stages:
-        method, _, n = item.partition("=")
-        if not n.isdigit() or int(n) < 1:
-            p.error(f"--stages {item!r}: expected METHOD=N with N a positive integer")
-        stages[method] = int(n)
-    batch_sizes: dict[str, int] = {}
-    for item in args.batch_size:
-        method, _, n = item.partition("=")
-        if not n.isdigit() or int(n) < 1:
-            p.error(f"--batch-size {item!r}: expected METHOD=N with N a positive integer")
-        batch_sizes[method] = int(n)
+
+    def per_method(flag: str, items: list[str]) -> dict[str, int]:
+        """Parse METHOD=N values of `flag` (N a positive integer); a bad one ends with exit code 2."""
+        out: dict[str, int] = {}
+        for item in items:
+            method, _, n = item.partition("=")
+            if not n.isdigit() or int(n) < 1:
+                p.error(f"{flag} {item!r}: expected METHOD=N with N a positive integer")
+            out[method] = int(n)
+        return out
+
+    stages = per_method("--stages", args.stages)
+    batch_sizes = per_method("--batch-size", args.batch_size)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -117,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="predict with test-time augmentation (8 flips/rotations): predictions in "
                         "pred-test-tta, scores in metrics-<split>-tta.json; with --reuse-runs, trained runs "
                         "are scored again")
+    p.add_argument("--stain-normalize", action="store_true",
+                   help="predict with `--stain-normalize DATA` (Reinhard onto the data set's own train split): "
+                        "predictions in pred-test-stainnorm, scores in metrics-<split>-stainnorm.json")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP/torch threads of every command (default: torch's choice)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -407,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         "annotated_fraction": args.annotated_fraction,
         "threads": args.threads,
         "tta": args.tta,
+        "stain_normalize": args.stain_normalize,
         "predict_set": args.predict_set,
         "overrides": args.overrides,
         "budget": budget_text(args.steps, args.max_minutes, args.overrides),
@@ -506,7 +510,8 @@ def score_run(run: Any, args: argparse.Namespace, spec: DatasetSpec, data: Path,
               entry: dict[str, Any]) -> bool:
     """Predict the test split with the run folder `out_run` and score it into `entry`; False on a failure."""
     ok = True
-    suffix = ("-tta" if args.tta else "") + "".join("-" + kv.replace("=", "-") for kv in args.predict_set)
+    suffix = ("-tta" if args.tta else "") + ("-stainnorm" if args.stain_normalize else "")
+    suffix += "".join("-" + kv.replace("=", "-") for kv in args.predict_set)
     pred = out_run / f"pred-test{suffix}"
     if args.reuse_runs and _predicted(pred, data):
         print(f"# reusing the predictions in {pred} (--reuse-runs)", flush=True)
@@ -517,6 +522,8 @@ def score_run(run: Any, args: argparse.Namespace, spec: DatasetSpec, data: Path,
             cmd += ["--batch-size", str(args.batch_size)]
         if args.tta:
             cmd.append("--tta")
+        if args.stain_normalize:
+            cmd += ["--stain-normalize", str(data)]
         for kv in args.predict_set:
             cmd += ["--set", kv]
         rec = run(cmd)

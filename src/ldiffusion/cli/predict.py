@@ -35,6 +35,11 @@ def register(app: typer.Typer) -> None:
         save_prob: bool = typer.Option(False, "--save-prob", help="Also write <id>_prob.npy probabilities."),
         tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average the 8 flips / "
                                  "90-degree rotations of every tile (8x slower)."),
+        stain_normalize: Path = typer.Option(
+            None, "--stain-normalize", metavar="REF",
+            help="Map each image's colours (L*a*b* mean and SD of its stained pixels) onto those of REF "
+                 "before predicting (Reinhard): an image file, or a prepared data set folder (its train "
+                 "split, e.g. the model's training set). For slides stained or scanned elsewhere."),
         set_: list[str] = typer.Option(None, "--set",
                                        help="Inference-time config change key=value (repeatable), e.g. "
                                             "ddim_steps=6 (LDSeg), n_samples=5, precision=fp32."),
@@ -50,9 +55,14 @@ def register(app: typer.Typer) -> None:
 
         if data is None and not images:
             raise InputError("nothing to predict: give --data DATASET [--split test] or image files/folders")
+        stain_target = None
+        if stain_normalize is not None:
+            from ldiffusion.data.stain_norm import reference_stats
+
+            stain_target = reference_stats(stain_normalize)
         segmenter = load_segmenter(run, resolve_device(device), overrides=list(set_ or []))
         ids = predict_folder(segmenter, out, images=images or None, data_root=data, split=split, tile_px=tile,
                              overlap_px=overlap, batch_size=batch_size, seed=seed, n_samples=samples,
                              save_prob=save_prob, save_uncertainty=uncertainty, progress=not no_progress,
-                             tta=tta, overwrite=overwrite)
+                             tta=tta, overwrite=overwrite, stain_target=stain_target)
         print(f"wrote {len(ids)} class maps and overlays to {out}")

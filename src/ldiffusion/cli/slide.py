@@ -68,6 +68,12 @@ def predict(
     tissue: bool = typer.Option(
         True, "--tissue/--no-tissue", help="Skip background tiles (tissue detection)."
     ),
+    stain_normalize: Path = typer.Option(
+        None, "--stain-normalize", metavar="REF",
+        help="Map the slide's colours onto those of REF before predicting (Reinhard, L*a*b* mean and SD of "
+        "stained pixels; the slide's statistics from a thumbnail, one transform for every tile): an image "
+        "file, or a prepared data set folder (its train split, e.g. the model's training set).",
+    ),
     coords: str = typer.Option(
         "qupath", "--coords", help="GeoJSON frame: qupath (minus slide bounds offset) or level0."
     ),
@@ -111,6 +117,11 @@ def predict(
     if not jobs:
         raise InputError("no slides given: pass slide files and/or --manifest slides.csv")
     jobs = shard_jobs(jobs, parse_shard(shard))
+    stain_target = None
+    if stain_normalize is not None:
+        from ldiffusion.data.stain_norm import reference_stats
+
+        stain_target = reference_stats(stain_normalize)
     kwargs = dict(
         tile_px=tile,
         overlap_px=overlap,
@@ -124,6 +135,7 @@ def predict(
         target_mpp=target_mpp,
         model_fingerprint=run_fingerprint(run, list(set_ or [])),
         max_bytes=max_memory * 1024**3 if max_memory > 0 else None,
+        stain_target=stain_target,
     )
     if scheduler:
         loader = RunLoader(str(run), device, tuple(set_ or ()))

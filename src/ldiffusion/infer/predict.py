@@ -24,6 +24,7 @@ from ldiffusion.core.errors import InputError
 from ldiffusion.core.io import atomic_write_bytes
 from ldiffusion.core.rng import derive_seed, make_generator
 from ldiffusion.data.format import IMAGE_SUFFIXES, find_images, read_dataset_info, read_image, write_png
+from ldiffusion.data.stain_norm import LabStats, lab_stats, reinhard
 from ldiffusion.data.targets import instances_from_contour, redraw_markers
 from ldiffusion.infer.outputs import check_case_id, check_out_dir, claim_outputs, output_path
 from ldiffusion.infer.tiling import gaussian_weight, tile_starts
@@ -165,7 +166,8 @@ def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequenc
                    data_root: str | Path | None = None, split: str = "test", tile_px: int | None = None,
                    overlap_px: int | None = None, batch_size: int = 4, seed: int = 0,
                    n_samples: int | None = None, save_prob: bool = False, save_uncertainty: bool = False,
-                   progress: bool = True, overwrite: bool = False, tta: bool = False) -> list[str]:
+                   progress: bool = True, overwrite: bool = False, tta: bool = False,
+                   stain_target: LabStats | None = None) -> list[str]:
     """Predict every image of a data set split and/or of image files/folders into `out_dir`.
 
     Writes, per image id: `<id>.png` (uint8 class map, the format `evaluate` reads),
@@ -177,7 +179,9 @@ def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequenc
     instances_from_contour` after `redraw_markers` with the config's marker keys, objects under its
     `min_object_px` dropped) and its `<id>.png`
     holds the data set's classes (boundary given back to the objects). `tta` averages the 8 flips /
-    rotations of every tile.
+    rotations of every tile. `stain_target` (`data.stain_norm.reference_stats`) maps each image's
+    colours onto it (Reinhard, statistics of the whole image) before prediction; the overlays show the
+    image as read.
 
     Refuses (InputError, nothing written) an `out_dir` that directly holds an input image or is a
     data set's folder / images / labels, an id that is not one file-name component, two ids whose
@@ -211,13 +215,16 @@ def predict_folder(segmenter: Segmenter, out_dir: str | Path, *, images: Sequenc
     with logging_redirect_tqdm():
         for case_id, path in tqdm(pairs, desc="predict", file=sys.stderr, disable=not progress, leave=False):
             image = read_image(path)
+            model_input = image
+            if stain_target is not None:
+                model_input = reinhard(image, lab_stats([image], where=str(path)), stain_target)
             gen = make_generator(derive_seed(seed, case_id), segmenter.device)
             if save_uncertainty:
-                probs, unc = predict_image(segmenter, image, tile_px=tile_px, overlap_px=overlap_px,
+                probs, unc = predict_image(segmenter, model_input, tile_px=tile_px, overlap_px=overlap_px,
                                            batch_size=batch_size, generator=gen, return_uncertainty=True,
                                            n_samples=n_samples, tta=tta)
             else:
-                probs, unc = predict_image(segmenter, image, tile_px=tile_px, overlap_px=overlap_px,
+                probs, unc = predict_image(segmenter, model_input, tile_px=tile_px, overlap_px=overlap_px,
                                            batch_size=batch_size, generator=gen, tta=tta), None
             if contour:
                 inst, mask = contour_instances(probs.numpy(), segmenter.cfg)

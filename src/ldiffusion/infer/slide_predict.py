@@ -41,6 +41,7 @@ from ldiffusion.core.errors import CheckpointError, InputError, LDiffusionError
 from ldiffusion.core.io import read_json, write_json
 from ldiffusion.core.registry import suggest
 from ldiffusion.core.rng import derive_seed, make_generator
+from ldiffusion.data.stain_norm import LabStats, lab_stats, reinhard
 from ldiffusion.data.targets import redraw_markers
 from ldiffusion.infer.merge import TileMerger, build_pyramid, pyramid_ratios
 from ldiffusion.infer.outputs import DEFAULT_MAX_BYTES, check_bytes, module_fingerprint, output_path
@@ -71,6 +72,8 @@ DONE_NAME = "done.json"
 #: memory per tile of the tile list (Tile objects, resume state, tissue selection), an upper estimate
 TILE_BOOKKEEPING_BYTES = 1024
 STATS_NAME = "stats.json"
+#: longer side (px) of the thumbnail that gives a slide's colour statistics (--stain-normalize)
+STAIN_THUMB_PX = 1024
 
 
 @runtime_checkable
@@ -173,6 +176,7 @@ def predict_slide(
     name: str | None = None,
     model_fingerprint: str | None = None,
     max_bytes: float | None = DEFAULT_MAX_BYTES,
+    stain_target: LabStats | None = None,
 ) -> SlideResult:
     """Predict one slide into `out_dir/<slide id>/`.
 
@@ -203,6 +207,9 @@ def predict_slide(
         max_bytes: memory limit of one allocation (a tile read, a decoded TIFF strip, a thumbnail
             strip, the tile list); a slide or `target_mpp` that would need more is refused with the
             figure before anything is allocated (None = no limit).
+        stain_target: colour statistics to map the slide onto (`data.stain_norm.reference_stats`;
+            None = off). The slide's own statistics come from a thumbnail (`STAIN_THUMB_PX` on its
+            longer side), so every tile gets the same Reinhard transform; both are in `done.json`.
 
     A slide without resolution metadata (and no `mpp`) is predicted with a warning naming the
     file (areas in pixels, no `target_mpp`). Existing files in `out_dir/<id>/` that this command
@@ -252,6 +259,7 @@ def predict_slide(
             name=name or slide_id(reader.path),
             model_fingerprint=model_fingerprint,
             max_bytes=max_bytes,
+            stain_target=stain_target,
         )
     finally:
         if own_reader:
@@ -279,6 +287,7 @@ def _predict_slide(
     name: str,
     model_fingerprint: str | None,
     max_bytes: float | None,
+    stain_target: LabStats | None = None,
 ) -> SlideResult:
     k = int(segmenter.num_classes)
     names, palette, ident = _segmenter_info(segmenter)
@@ -331,6 +340,10 @@ def _predict_slide(
     }
     if fingerprint is not None:
         params["model_fingerprint"] = fingerprint
+    stain_source = None
+    if stain_target is not None:
+        stain_source = _slide_stain_stats(reader, ox, oy, bw, bh)
+        params["stain_normalize"] = {"target": stain_target.to_json(), "source": stain_source.to_json()}
     post = contour_postprocess(getattr(segmenter, "cfg", None))
     if post is not None:
         params["contour"] = post
@@ -395,6 +408,8 @@ def _predict_slide(
                     for t in batch
                 ]
             )
+            if stain_target is not None and stain_source is not None:
+                imgs = np.stack([reinhard(img, stain_source, stain_target) for img in imgs])
             x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255.0).to(device)
             gen = make_generator(derive_seed(seed, name, b), device)
             with torch.no_grad():
@@ -464,6 +479,13 @@ def _predict_slide(
     shutil.rmtree(work, ignore_errors=True)
     logger.info("%s: wrote %s", name, ", ".join(sorted(outputs.values())))
     return SlideResult(str(reader.path), name, str(out), outputs, False, len(tiles), stats)
+
+
+def _slide_stain_stats(reader: SlideReader, ox: int, oy: int, bw: int, bh: int) -> LabStats:
+    """L*a*b* statistics of the slide's stained pixels, from a thumbnail of its bounds."""
+    s = max(bw / STAIN_THUMB_PX, bh / STAIN_THUMB_PX, 1.0)
+    tw, th = max(1, round(bw / s)), max(1, round(bh / s))
+    return lab_stats([reader.read_scaled_strips(int(ox), int(oy), tw, th, s)], where=str(reader.path))
 
 
 def contour_postprocess(cfg: Any) -> dict[str, Any] | None:

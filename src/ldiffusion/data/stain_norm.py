@@ -1,0 +1,164 @@
+"""Stain normalisation at prediction time (Reinhard et al. 2001): match colour statistics in CIE L*a*b*.
+
+A slide stained or scanned elsewhere than the training slides differs mostly in colour. Reinhard's method
+moves each L*a*b* channel of an image to the mean and standard deviation of a reference:
+
+    lab_out = (lab - mean_source) / std_source * std_target + mean_target        (per channel)
+
+The statistics are taken over the stained pixels only (HSV saturation above `MIN_SATURATION`), so that the
+share of bright glass in an image does not move its colours. The source statistics are those of the whole
+image (`ldiffusion predict`) or of a thumbnail of the whole slide (`ldiffusion slide predict`), never of one
+tile, so that every tile of a slide gets the same transform. The colour conversions are scikit-image's
+(`rgb2lab`, `lab2rgb`, D65).
+
+Example:
+    >>> import numpy as np
+    >>> rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    >>> s = lab_stats([rgb])
+    >>> bool(np.abs(reinhard(rgb, s, s).astype(int) - rgb).max() <= 1)
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ldiffusion.core.errors import InputError
+
+#: pixels with HSV saturation (max - min) / max at or below this are glass: left out of the statistics
+MIN_SATURATION = 0.05
+#: below this share of stained pixels every pixel counts (an image that is nearly all grey)
+MIN_STAINED_SHARE = 0.01
+#: floor of a standard deviation, in L*a*b* units, so that a flat channel does not blow up
+MIN_STD = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class LabStats:
+    """Per-channel mean and standard deviation of stained pixels in CIE L*a*b*.
+
+    Attributes:
+        mean: (L*, a*, b*) means.
+        std: (L*, a*, b*) standard deviations (>= `MIN_STD`).
+        pixels: number of pixels the statistics were taken over.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pixels: int
+
+    def to_json(self) -> dict[str, Any]:
+        """Return {"mean": [...], "std": [...], "pixels": n}, rounded to 4 decimals (for params files)."""
+        return {"mean": [round(v, 4) for v in self.mean], "std": [round(v, 4) for v in self.std],
+                "pixels": int(self.pixels)}
+
+
+def _check_rgb(image: np.ndarray, where: str) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise InputError(f"{where}: expected an (H, W, 3) uint8 RGB image, "
+                         f"got {image.dtype} {tuple(image.shape)}")
+
+
+def stained_pixels(image: np.ndarray) -> np.ndarray:
+    """Return the (N, 3) uint8 pixels of `image` (H, W, 3) whose saturation exceeds `MIN_SATURATION`.
+
+    All pixels when fewer than `MIN_STAINED_SHARE` of them qualify.
+    """
+    flat = image.reshape(-1, 3)
+    mx, mn = flat.max(1), flat.min(1)
+    keep = (mx - mn).astype(np.float32) > MIN_SATURATION * np.maximum(mx, 1).astype(np.float32)
+    if keep.sum() < MIN_STAINED_SHARE * flat.shape[0]:
+        return flat
+    return flat[keep]
+
+
+def lab_stats(images: Iterable[np.ndarray], where: str = "image") -> LabStats:
+    """Pool the L*a*b* mean and standard deviation of the stained pixels of `images`.
+
+    Args:
+        images: (H, W, 3) uint8 RGB arrays (sizes may differ).
+        where: name of the source, for error messages.
+
+    Raises:
+        InputError: an image that is not (H, W, 3) uint8, or no image at all.
+    """
+    from skimage.color import rgb2lab
+
+    n = 0
+    s1 = np.zeros(3, dtype=np.float64)
+    s2 = np.zeros(3, dtype=np.float64)
+    for image in images:
+        _check_rgb(image, where)
+        px = stained_pixels(image)
+        lab = rgb2lab(px[None].astype(np.float32) / 255.0)[0].astype(np.float64)  # (N, 3)
+        n += lab.shape[0]
+        s1 += lab.sum(0)
+        s2 += (lab**2).sum(0)
+    if n == 0:
+        raise InputError(f"{where}: no image to take stain statistics from")
+    mean = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))
+    m = (float(mean[0]), float(mean[1]), float(mean[2]))
+    sd = (max(float(std[0]), MIN_STD), max(float(std[1]), MIN_STD), max(float(std[2]), MIN_STD))
+    return LabStats(m, sd, n)
+
+
+def reinhard(image: np.ndarray, source: LabStats, target: LabStats) -> np.ndarray:
+    """Map `image` (H, W, 3) uint8 from the `source` colour statistics to the `target` ones (uint8 out).
+
+    Every pixel gets the same per-channel affine map in L*a*b*; the result is clipped to the RGB gamut.
+    """
+    from skimage.color import lab2rgb, rgb2lab
+
+    _check_rgb(image, "reinhard")
+    lab = rgb2lab(image.astype(np.float32) / 255.0)
+    src_mean, src_std = np.asarray(source.mean, np.float32), np.asarray(source.std, np.float32)
+    tgt_mean, tgt_std = np.asarray(target.mean, np.float32), np.asarray(target.std, np.float32)
+    lab = (lab - src_mean) * (tgt_std / src_std) + tgt_mean
+    lab[..., 0] = np.clip(lab[..., 0], 0.0, 100.0)
+    rgb = lab2rgb(lab)
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def reference_stats(ref: str | Path, max_images: int = 64) -> LabStats:
+    """Return the target statistics of `--stain-normalize REF`.
+
+    REF is an image file (its stained pixels), or a prepared data set folder (the stained pixels of its
+    `train` split pooled, at most `max_images` images spread evenly over the split): a model's own
+    training set is the natural reference.
+
+    Raises:
+        InputError: REF missing, not an image, or a data set without training images.
+    """
+    from ldiffusion.data.format import IMAGE_SUFFIXES, read_dataset_info, read_image
+
+    p = Path(ref)
+    if p.is_dir():
+        if not (p / "dataset.json").is_file():
+            raise InputError(f"--stain-normalize {p}: a folder must be a prepared data set (with "
+                             "dataset.json); or give one reference image file")
+        from ldiffusion.data.dataset import sample_path
+
+        ids = read_dataset_info(p).ids("train")
+        if not ids:
+            raise InputError(f"--stain-normalize {p}: the data set has no train split to take colours from")
+        step = max(1, math.ceil(len(ids) / max_images))
+        paths = [sample_path(p, "images", i) for i in ids[::step]]
+        missing = [i for i, q in zip(ids[::step], paths, strict=True) if q is None]
+        if missing:
+            raise InputError(f"--stain-normalize {p}: image of train id {missing[0]!r} not found")
+        return lab_stats((read_image(q) for q in paths if q is not None), where=str(p))
+    if not p.is_file():
+        raise InputError(f"--stain-normalize {p}: no such file or data set folder")
+    if p.suffix.lower() not in IMAGE_SUFFIXES:
+        raise InputError(f"--stain-normalize {p}: not an image file; expected one of {list(IMAGE_SUFFIXES)}")
+    return lab_stats([read_image(p)], where=str(p))
+
+
+__all__ = ["MIN_SATURATION", "LabStats", "lab_stats", "reference_stats", "reinhard", "stained_pixels"]

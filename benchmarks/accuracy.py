@@ -118,8 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "pred-test-tta, scores in metrics-<split>-tta.json; with --reuse-runs, trained runs "
                         "are scored again")
     p.add_argument("--stain-normalize", action="store_true",
-                   help="predict with `--stain-normalize DATA` (Reinhard onto the data set's own train split): "
-                        "predictions in pred-test-stainnorm, scores in metrics-<split>-stainnorm.json")
+                   help="predict with `--stain-normalize DATA` (Reinhard onto the data set's own train "
+                        "split): predictions in pred-test-stainnorm, scores in metrics-<split>-stainnorm.json")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP/torch threads of every command (default: torch's choice)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

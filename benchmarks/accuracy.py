@@ -119,7 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "are scored again")
     p.add_argument("--stain-normalize", action="store_true",
                    help="predict with `--stain-normalize DATA` (Reinhard onto the data set's own train "
-                        "split): predictions in pred-test-stainnorm, scores in metrics-<split>-stainnorm.json")
+                        "split): predictions in pred-test-stainnorm, scores in "
+                        "metrics-<split>-stainnorm.json")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP/torch threads of every command (default: torch's choice)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

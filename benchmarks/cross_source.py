@@ -39,20 +39,26 @@ def run_cli(args: list[str], threads: int | None) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
-def score(name: str, run: Path, data: Path, split: str, work: Path, threads: int | None) -> dict[str, Any]:
-    """Predict `split` of `data` with `run` into `work` and evaluate it with `--binary`."""
+def score(name: str, run: Path, data: Path, split: str, work: Path, threads: int | None,
+          stain_ref: Path | None = None) -> dict[str, Any]:
+    """Predict `split` of `data` with `run` into `work` and evaluate it with `--binary`.
+
+    `stain_ref` predicts with `--stain-normalize stain_ref` (the row's name should say so).
+    """
     pred = work / f"{name}-{split}"
     metrics = work / f"{name}-{split}.json"
     t0 = time.perf_counter()
+    norm = ["--stain-normalize", str(stain_ref)] if stain_ref is not None else []
     run_cli(["predict", str(run), "--data", str(data), "--split", split, "--out", str(pred),
-             "--no-progress"], threads)
+             "--no-progress", *norm], threads)
     run_cli(["evaluate", "--pred", str(pred), "--data", str(data), "--split", split, "--binary",
              "--foreground-only", "--out", str(metrics), "--no-progress"], threads)
     res = read_json(metrics)
     sem = res["semantic"]
     return {"name": name, "run": str(run), "split": split, "n_images": res["n_images"],
             "nucleus_dice": sem["dice"], "nucleus_iou": sem["miou"], "nucleus_recall": sem["mpa"],
-            "per_image_dice": res["per_image_mean"]["dice"], "wall_s": round(time.perf_counter() - t0, 1)}
+            "per_image_dice": res["per_image_mean"]["dice"], "wall_s": round(time.perf_counter() - t0, 1),
+            "stain_normalize": str(stain_ref) if stain_ref is not None else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=REPO / "benchmarks" / "runs" / "cross-source",
                    help="folder for the predictions and metric files (not in git)")
     p.add_argument("--threads", type=int, default=None, help="OMP threads of every command")
+    p.add_argument("--stain-normalize", type=Path, default=None, metavar="REF",
+                   help="predict with `--stain-normalize REF` (e.g. the training data set of the runs); "
+                        "name the runs so that the rows say it")
     p.add_argument("--out", type=Path, required=True, help="result JSON (a .md table is written beside it)")
     args = p.parse_args(argv)
     runs = []
@@ -73,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: --run {item!r}: expected NAME=RUN")
         runs.append((name, Path(path)))
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = [score(name, run, args.data, split, args.work, args.threads) for name, run in runs
-            for split in args.splits]
+    rows = [score(name, run, args.data, split, args.work, args.threads, args.stain_normalize)
+            for name, run in runs for split in args.splits]
     res = {"schema": 1, "data": str(args.data), "splits": args.splits, "rows": rows,
            "command": "python benchmarks/cross_source.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     lines = ["| model | split | images | nucleus Dice % | per-image Dice % | recall % |",

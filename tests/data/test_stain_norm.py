@@ -107,6 +107,20 @@ def test_predict_feeds_the_normalised_image_and_refuses_a_bad_reference(synth_ro
     err = capsys.readouterr().err
     assert "nope.png" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "p").exists()
+    # benchmarks/cross_source.py passes the reference on and records it per row
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "cross_source.py"
+    spec = importlib.util.spec_from_file_location("cross_source", script)
+    cross_source = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cross_source)
+    out = tmp_path / "cross.json"
+    assert cross_source.main(["--run", f"tiny-norm={run}", "--data", str(synth_root), "--splits", "val",
+                              "--work", str(tmp_path / "work"), "--stain-normalize", str(ref),
+                              "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["stain_normalize"] == str(ref) and 0.0 <= row["nucleus_dice"] <= 1.0
 
 
 class RecordingModel:

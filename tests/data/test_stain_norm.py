@@ -12,7 +12,7 @@ import torch
 
 from ldiffusion.core.errors import InputError
 from ldiffusion.data.format import write_png
-from ldiffusion.data.stain_norm import lab_stats, reference_stats, reinhard
+from ldiffusion.data.stain_norm import lab_stats, reference_stats, reinhard, train_split_stats
 
 
 def he_like(seed: int, shift: tuple[int, int, int] = (0, 0, 0), size: int = 64) -> np.ndarray:
@@ -66,6 +66,11 @@ def test_bad_references_name_the_path(tmp_path):
         reference_stats(tmp_path / "missing.png")
     with pytest.raises(InputError, match=r"dataset\.json"):
         reference_stats(tmp_path)
+    old_run = tmp_path / "old_run"
+    old_run.mkdir()
+    (old_run / "config.json").write_text(json.dumps({"method": "unet"}))
+    with pytest.raises(InputError, match="stain_reference"):
+        reference_stats(old_run)
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(InputError, match="not an image file"):
         reference_stats(tmp_path / "notes.txt")
@@ -107,6 +112,14 @@ def test_predict_feeds_the_normalised_image_and_refuses_a_bad_reference(synth_ro
     err = capsys.readouterr().err
     assert "nope.png" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "p").exists()
+    # the run folder stores its training colours: REF = the run is REF = its data set
+    stored = json.loads((run / "config.json").read_text())["stain_reference"]
+    assert stored == reference_stats(synth_root).to_json() == train_split_stats(synth_root).to_json()
+    by_run, by_data = tmp_path / "by_run", tmp_path / "by_data"
+    for ref_path, dest in ((run, by_run), (synth_root, by_data)):
+        assert main(["predict", str(run), str(img), "--out", str(dest), "--save-prob", "--no-progress",
+                     "--stain-normalize", str(ref_path)]) == 0
+    assert np.array_equal(np.load(by_run / "shifted_prob.npy"), np.load(by_data / "shifted_prob.npy"))
     # benchmarks/cross_source.py passes the reference on and records it per row
     import importlib.util
     from pathlib import Path

@@ -38,8 +38,9 @@ def register(app: typer.Typer) -> None:
         stain_normalize: Path = typer.Option(
             None, "--stain-normalize", metavar="REF",
             help="Map each image's colours (L*a*b* mean and SD of its stained pixels) onto those of REF "
-                 "before predicting (Reinhard): an image file, or a prepared data set folder (its train "
-                 "split, e.g. the model's training set). For slides stained or scanned elsewhere."),
+                 "before predicting (Reinhard). REF: the run folder itself (the training colours stored "
+                 "by `train`), a prepared data set folder (its train split) or an image file. For images "
+                 "stained or scanned elsewhere."),
         set_: list[str] = typer.Option(None, "--set",
                                        help="Inference-time config change key=value (repeatable), e.g. "
                                             "ddim_steps=6 (LDSeg), n_samples=5, precision=fp32."),

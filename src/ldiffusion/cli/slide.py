@@ -71,8 +71,9 @@ def predict(
     stain_normalize: Path = typer.Option(
         None, "--stain-normalize", metavar="REF",
         help="Map the slide's colours onto those of REF before predicting (Reinhard, L*a*b* mean and SD of "
-        "stained pixels; the slide's statistics from a thumbnail, one transform for every tile): an image "
-        "file, or a prepared data set folder (its train split, e.g. the model's training set).",
+        "stained pixels; the slide's statistics from a thumbnail, one transform for every tile). REF: the "
+        "run folder (the training colours stored by `train`), a prepared data set folder (its train split) "
+        "or an image file.",
     ),
     coords: str = typer.Option(
         "qupath", "--coords", help="GeoJSON frame: qupath (minus slide bounds offset) or level0."

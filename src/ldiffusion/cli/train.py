@@ -43,6 +43,7 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
     from ldiffusion.core.rng import seed_everything
     from ldiffusion.data.dataset import SegmentationDataset, annotated_subset
     from ldiffusion.data.format import read_dataset_info
+    from ldiffusion.data.stain_norm import train_split_stats
     from ldiffusion.data.transforms import TrainTransform
     from ldiffusion.methods import METHODS, create_method, resolve_config
     from ldiffusion.train.loop import fit
@@ -108,7 +109,9 @@ def run_training(method_name: str, data: Path, out: Path, *, preset: str | None 
         "n_annotated": len(annotated) if annotated is not None else len(info.ids("train")),
     }
     palette = info.palette.tolist() + ([[255, 255, 255]] if contour_px is not None else [])  # boundary: white
-    method.extra_info = {"data": data_info, "palette": palette}
+    # the training colours, for `predict --stain-normalize RUN` (data.stain_norm.reference_stats)
+    stain_reference = train_split_stats(data).to_json()
+    method.extra_info = {"data": data_info, "palette": palette, "stain_reference": stain_reference}
     return fit(method, train_ds, val_ds, out, device=dev, generator_seed=cfg.seed, resume=resume,
                progress=progress, run_info={"data": data_info}, overwrite=overwrite,
                data_fingerprint=fingerprint, snapshot_minutes=snapshot_minutes or ())

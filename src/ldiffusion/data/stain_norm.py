@@ -126,39 +126,64 @@ def reinhard(image: np.ndarray, source: LabStats, target: LabStats) -> np.ndarra
     return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
-def reference_stats(ref: str | Path, max_images: int = 64) -> LabStats:
-    """Return the target statistics of `--stain-normalize REF`.
+def train_split_stats(root: str | Path, max_images: int = 64) -> LabStats:
+    """Pool the statistics of the `train` split of the prepared data set `root`.
 
-    REF is an image file (its stained pixels), or a prepared data set folder (the stained pixels of its
-    `train` split pooled, at most `max_images` images spread evenly over the split): a model's own
-    training set is the natural reference.
+    At most `max_images` images, spread evenly over the split (every ⌈n / max_images⌉-th id).
 
     Raises:
-        InputError: REF missing, not an image, or a data set without training images.
+        InputError: no train split, or a missing image.
     """
-    from ldiffusion.data.format import IMAGE_SUFFIXES, read_dataset_info, read_image
+    from ldiffusion.data.dataset import sample_path
+    from ldiffusion.data.format import read_dataset_info, read_image
+
+    root = Path(root)
+    ids = read_dataset_info(root).ids("train")
+    if not ids:
+        raise InputError(f"{root}: the data set has no train split to take colours from")
+    picked = ids[:: max(1, math.ceil(len(ids) / max_images))]
+    paths = [sample_path(root, "images", i) for i in picked]
+    missing = [i for i, q in zip(picked, paths, strict=True) if q is None]
+    if missing:
+        raise InputError(f"{root}: image of train id {missing[0]!r} not found")
+    return lab_stats((read_image(q) for q in paths if q is not None), where=str(root))
+
+
+def reference_stats(ref: str | Path) -> LabStats:
+    """Return the target statistics of `--stain-normalize REF`.
+
+    REF is one of:
+    - a run folder (`config.json`): the statistics of its training split, which `ldiffusion train` stores
+      there as `stain_reference`;
+    - a prepared data set folder (`dataset.json`): its train split (`train_split_stats`);
+    - an image file: its stained pixels.
+
+    Raises:
+        InputError: REF missing, not one of the above, or a run folder without stored statistics.
+    """
+    from ldiffusion.core.io import read_json
+    from ldiffusion.data.format import IMAGE_SUFFIXES, read_image
 
     p = Path(ref)
     if p.is_dir():
-        if not (p / "dataset.json").is_file():
-            raise InputError(f"--stain-normalize {p}: a folder must be a prepared data set (with "
-                             "dataset.json); or give one reference image file")
-        from ldiffusion.data.dataset import sample_path
-
-        ids = read_dataset_info(p).ids("train")
-        if not ids:
-            raise InputError(f"--stain-normalize {p}: the data set has no train split to take colours from")
-        step = max(1, math.ceil(len(ids) / max_images))
-        paths = [sample_path(p, "images", i) for i in ids[::step]]
-        missing = [i for i, q in zip(ids[::step], paths, strict=True) if q is None]
-        if missing:
-            raise InputError(f"--stain-normalize {p}: image of train id {missing[0]!r} not found")
-        return lab_stats((read_image(q) for q in paths if q is not None), where=str(p))
+        if (p / "config.json").is_file():
+            stored = read_json(p / "config.json").get("stain_reference")
+            try:
+                return LabStats(tuple(stored["mean"]), tuple(stored["std"]), int(stored["pixels"]))
+            except (TypeError, KeyError, ValueError) as e:
+                raise InputError(f"--stain-normalize {p / 'config.json'}: no 'stain_reference' of the "
+                                 "training colours (a run trained before it was stored); give the training "
+                                 "data set folder or an image instead") from e
+        if (p / "dataset.json").is_file():
+            return train_split_stats(p)
+        raise InputError(f"--stain-normalize {p}: a folder must be a run (config.json) or a prepared data "
+                         "set (dataset.json); or give one reference image file")
     if not p.is_file():
-        raise InputError(f"--stain-normalize {p}: no such file or data set folder")
+        raise InputError(f"--stain-normalize {p}: no such file or folder")
     if p.suffix.lower() not in IMAGE_SUFFIXES:
         raise InputError(f"--stain-normalize {p}: not an image file; expected one of {list(IMAGE_SUFFIXES)}")
     return lab_stats([read_image(p)], where=str(p))
 
 
-__all__ = ["MIN_SATURATION", "LabStats", "lab_stats", "reference_stats", "reinhard", "stained_pixels"]
+__all__ = ["MIN_SATURATION", "LabStats", "lab_stats", "reference_stats", "reinhard", "stained_pixels",
+           "train_split_stats"]

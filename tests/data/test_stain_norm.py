@@ -115,6 +115,7 @@ def test_predict_feeds_the_normalised_image_and_refuses_a_bad_reference(synth_ro
     # the run folder stores its training colours: REF = the run is REF = its data set
     stored = json.loads((run / "config.json").read_text())["stain_reference"]
     assert stored == reference_stats(synth_root).to_json() == train_split_stats(synth_root).to_json()
+    assert reference_stats(run) == reference_stats(synth_root)  # the same numbers, not just close
     by_run, by_data = tmp_path / "by_run", tmp_path / "by_data"
     for ref_path, dest in ((run, by_run), (synth_root, by_data)):
         assert main(["predict", str(run), str(img), "--out", str(dest), "--save-prob", "--no-progress",

@@ -85,6 +85,9 @@ def lab_stats(images: Iterable[np.ndarray], where: str = "image") -> LabStats:
         images: (H, W, 3) uint8 RGB arrays (sizes may differ).
         where: name of the source, for error messages.
 
+    Returns:
+        `LabStats`, means and SDs rounded to 4 decimals (as `LabStats.to_json` stores them).
+
     Raises:
         InputError: an image that is not (H, W, 3) uint8, or no image at all.
     """
@@ -104,9 +107,10 @@ def lab_stats(images: Iterable[np.ndarray], where: str = "image") -> LabStats:
         raise InputError(f"{where}: no image to take stain statistics from")
     mean = s1 / n
     std = np.sqrt(np.maximum(s2 / n - mean**2, 0.0))
-    m = (float(mean[0]), float(mean[1]), float(mean[2]))
-    sd = (max(float(std[0]), MIN_STD), max(float(std[1]), MIN_STD), max(float(std[2]), MIN_STD))
-    return LabStats(m, sd, n)
+    # rounded as `to_json` stores them, so that a run's stored reference equals the one taken from its data
+    m = (round(float(mean[0]), 4), round(float(mean[1]), 4), round(float(mean[2]), 4))
+    sd = tuple(round(max(float(v), MIN_STD), 4) for v in std)
+    return LabStats(m, (sd[0], sd[1], sd[2]), n)
 
 
 def reinhard(image: np.ndarray, source: LabStats, target: LabStats) -> np.ndarray:

@@ -65,14 +65,21 @@ def _check_rgb(image: np.ndarray, where: str) -> None:
                          f"got {image.dtype} {tuple(image.shape)}")
 
 
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """Return the HSV saturation (max - min) / max of an (h, w, 3) uint8 image as float32 in [0, 1]."""
+    mx, mn = rgb.max(-1), rgb.min(-1)  # uint8: no full-size float copy of the image
+    out = (mx - mn).astype(np.float32)
+    out /= np.maximum(mx, 1).astype(np.float32)
+    return out
+
+
 def stained_pixels(image: np.ndarray) -> np.ndarray:
     """Return the (N, 3) uint8 pixels of `image` (H, W, 3) whose saturation exceeds `MIN_SATURATION`.
 
     All pixels when fewer than `MIN_STAINED_SHARE` of them qualify.
     """
     flat = image.reshape(-1, 3)
-    mx, mn = flat.max(1), flat.min(1)
-    keep = (mx - mn).astype(np.float32) > MIN_SATURATION * np.maximum(mx, 1).astype(np.float32)
+    keep = saturation(image).reshape(-1) > MIN_SATURATION
     if keep.sum() < MIN_STAINED_SHARE * flat.shape[0]:
         return flat
     return flat[keep]
@@ -189,5 +196,5 @@ def reference_stats(ref: str | Path) -> LabStats:
     return lab_stats([read_image(p)], where=str(p))
 
 
-__all__ = ["MIN_SATURATION", "LabStats", "lab_stats", "reference_stats", "reinhard", "stained_pixels",
-           "train_split_stats"]
+__all__ = ["MIN_SATURATION", "LabStats", "lab_stats", "reference_stats", "reinhard", "saturation",
+           "stained_pixels", "train_split_stats"]

@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
+from ldiffusion.data.stain_norm import saturation
 from ldiffusion.infer.slide import SlideReader
 from ldiffusion.infer.tiling import Tile
 
@@ -40,14 +41,6 @@ class TissueMask:
         if x1 <= x0 or y1 <= y0:
             return 0.0
         return float(self.mask[y0:y1, x0:x1].mean())
-
-
-def saturation(rgb: np.ndarray) -> np.ndarray:
-    """Return the HSV saturation (max - min) / max of an (h, w, 3) uint8 image as float32 in [0, 1]."""
-    mx, mn = rgb.max(-1), rgb.min(-1)  # uint8: no full-size float copy of the image
-    out = (mx - mn).astype(np.float32)
-    out /= np.maximum(mx, 1).astype(np.float32)
-    return out
 
 
 def tissue_mask_from_rgb(

@@ -378,13 +378,20 @@ def inference_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @torch.no_grad()
-def fold_ema(ema: nn.Module, live: nn.Module, decay: float) -> None:
-    """One exponential-moving-average step: ema <- decay * ema + (1 - decay) * live for parameters;
-    buffers (e.g. BatchNorm statistics) are copied from ``live``."""
+def fold_ema(ema: nn.Module, live: nn.Module, decay: float, *, average_buffers: bool = False) -> None:
+    """One exponential-moving-average step: ema <- decay * ema + (1 - decay) * live for parameters.
+
+    Buffers are copied from ``live``, or with ``average_buffers`` the floating-point ones (BatchNorm
+    running means and variances) are averaged like the parameters and the others copied, so that the
+    averaged weights meet statistics of the same steps (timm's `ModelEmaV2` practice).
+    """
     for pe, p in zip(ema.parameters(), live.parameters(), strict=True):
         pe.lerp_(p.detach(), 1.0 - decay)
     for be, b in zip(ema.buffers(), live.buffers(), strict=True):
-        be.copy_(b)
+        if average_buffers and be.is_floating_point():
+            be.lerp_(b, 1.0 - decay)
+        else:
+            be.copy_(b)
 
 
 class ClassCounting:

@@ -6,10 +6,14 @@ paper's weight map, `data.targets.separation_weights`).
 `encoder="plain"` is the Ronneberger-style `nets.SegUNet` (the `tiny` preset); `encoder="resnet18"`
 (the `small` and `paper` presets) is `nets.ResUNet`, a ResNet-18-encoder U-Net with 5 levels down
 to 1/32, the layout of the library U-Nets that pathology groups use as their baseline.
+
+With `ema` set, an exponential moving average of the network's weights (and BatchNorm statistics)
+is kept beside it and used for validation, prediction and `model.safetensors`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, ClassVar, Literal
 
@@ -17,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from ldiffusion.core.config import check_range
+from ldiffusion.core.errors import ConfigError
 from ldiffusion.losses.dice import soft_dice_loss
-from ldiffusion.methods.base import STAIN_AUGMENTATION, MethodConfig, Segmenter, inference_autocast
+from ldiffusion.methods.base import STAIN_AUGMENTATION, MethodConfig, Segmenter, fold_ema, inference_autocast
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,6 +37,10 @@ class UNetConfig(MethodConfig):
         depth: number of resolution levels of the plain U-Net (H, W multiples of 2**(depth-1)).
         ce_weight: weight of the cross-entropy term.
         dice_weight: weight of the soft Dice term (classes present, background excluded).
+        ema: decay of an exponential moving average of the weights and BatchNorm statistics (None =
+            off, every preset). The n-th average step uses min(ema, (1 + n) / (10 + n)), so a short
+            run is not dominated by its first weights. The average is what validation scores, what
+            `model.safetensors` holds and what predicts.
     """
 
     encoder: Literal["plain", "resnet18", "resnet34"] = "plain"
@@ -39,10 +48,15 @@ class UNetConfig(MethodConfig):
     depth: int = 3
     ce_weight: float = 1.0
     dice_weight: float = 1.0
+    ema: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("base", self.base, 1)
+        if self.ema is not None:
+            check_range("ema", self.ema, 0.0, 1.0, lo_open=True)
+            if self.ema >= 1.0:
+                raise ConfigError(f"ema={self.ema} should be < 1 (or null to turn the average off)")
         check_range("depth", self.depth, 1, 8)
         check_range("ce_weight", self.ce_weight, 0.0)
         check_range("dice_weight", self.dice_weight, 0.0)
@@ -92,6 +106,32 @@ class UNetMethod(Segmenter):
             self.net = ResUNet(in_channels=in_channels, num_classes=num_classes, encoder=cfg.encoder)
             self.size_divisor = ResUNet.divisor
             self.wide_context = True
+        self.net_ema: torch.nn.Module | None = None
+        if cfg.ema is not None:
+            self.net_ema = copy.deepcopy(self.net).requires_grad_(False)
+            # 1 while the last optimiser step is not folded in yet; the number of folds done
+            self.register_buffer("ema_pending", torch.zeros((), dtype=torch.int64))
+            self.register_buffer("ema_updates", torch.zeros((), dtype=torch.int64))
+
+    def ema_decay(self, n: int) -> float:
+        """Return the decay of the n-th average step (n = 0, 1, ...): min(ema, (1 + n) / (10 + n))."""
+        cfg = self.cfg
+        assert isinstance(cfg, UNetConfig) and cfg.ema is not None
+        return min(cfg.ema, (1.0 + n) / (10.0 + n))
+
+    @torch.no_grad()
+    def _sync_ema(self) -> None:
+        """Fold the weights of the last optimiser step into the average (once per step)."""
+        if self.net_ema is None or int(self.ema_pending) == 0:
+            return
+        fold_ema(self.net_ema, self.net, self.ema_decay(int(self.ema_updates)), average_buffers=True)
+        self.ema_updates += 1
+        self.ema_pending.zero_()
+
+    def inference_net(self) -> torch.nn.Module:
+        """Return the network that validates and predicts: the average when `ema` is on, else `net`."""
+        self._sync_ema()
+        return self.net_ema if self.net_ema is not None else self.net
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Return logits (B, K, H, W) for images (B, C, H, W) in [0, 1]."""
@@ -102,6 +142,7 @@ class UNetMethod(Segmenter):
         """Return {"model": CE + Dice, "log/ce": ..., "log/dice": ...}."""
         cfg = self.cfg
         assert isinstance(cfg, UNetConfig)
+        self._sync_ema()
         logits = self(batch["image"])
         target = batch["label"]
         if bool((target != 255).any()):
@@ -110,6 +151,8 @@ class UNetMethod(Segmenter):
             ce = logits.sum() * 0.0
         dice = soft_dice_loss(logits, target, ignore_index=255)
         loss = cfg.ce_weight * ce + cfg.dice_weight * dice
+        if self.net_ema is not None:
+            self.ema_pending.fill_(1)
         return {"model": loss, "log/ce": ce.detach(), "log/dice": dice.detach()}
 
     @inference_autocast
@@ -121,4 +164,17 @@ class UNetMethod(Segmenter):
             d = self.size_divisor
             raise ValueError(f"expected (B, C, H, W) with H, W divisible by {d}, got {tuple(images.shape)}; "
                              f"pad to ({-(-h // d) * d}, {-(-w // d) * d})")
-        return torch.softmax(self(images).float(), dim=1)
+        return torch.softmax(self.inference_net()(self.preprocess(images)).float(), dim=1)
+
+    def inference_state_dict(self) -> dict[str, torch.Tensor]:
+        """Return the weights that predict, under the keys of `net` (the average when `ema` is on)."""
+        if self.net_ema is None:
+            return super().inference_state_dict()
+        return {f"net.{k}": v for k, v in self.inference_net().state_dict().items()}
+
+    def load_inference_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load inference weights into `net` and, when `ema` is on, restart the average from them."""
+        super().load_inference_state_dict(state)
+        if self.net_ema is not None:
+            self.net_ema.load_state_dict(self.net.state_dict())
+            self.ema_pending.zero_()

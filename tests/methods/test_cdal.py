@@ -555,3 +555,46 @@ def test_generator_ema_is_used_at_inference_and_saved(tmp_path):
                        m.eval().predict_proba(img, generator=_gen(0)))
     with pytest.raises(ConfigError, match="ema"):
         _cfg(ema=1.0)
+
+
+def test_generator_ema_warmup_decay_and_averaged_batchnorm_statistics():
+    m = _method(crop_px=32, attn_scale=8, g_backbone="resnet18", ema=0.99, ema_warmup=True,
+                ema_buffers="average")
+    bn = next(k for k, v in m.gen.state_dict().items() if k.endswith("running_mean") and v.numel() > 1)
+    name = "head.weight" if "head.weight" in m.gen.state_dict() else next(
+        k for k, v in m.gen.named_parameters() if v.requires_grad)
+    w = [m.gen.state_dict()[name].clone()]
+    stats = [m.gen.state_dict()[bn].clone()]
+    opt = torch.optim.Adam(m.gen.parameters(), lr=1e-2)
+    decays = []
+    for step in range(3):
+        decays.append(m.ema_decay())
+        loss = m.training_step(_batch(), _gen(step), "main")["g"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        w.append(m.gen.state_dict()[name].clone())
+        stats.append(m.gen.state_dict()[bn].clone())
+    m.on_stage_end("main", [])
+    # the n-th fold uses min(0.99, (1 + n) / (10 + n)); step k is folded lazily, at the start of step k + 1
+    assert decays == pytest.approx([1 / 10, 1 / 10, 2 / 11]) and m.ema_decay() == pytest.approx(4 / 13)
+    assert int(m.ema_updates) == 3
+    m.ema_updates.fill_(10_000)
+    assert m.ema_decay() == pytest.approx(0.99)  # the warm-up ends at ema
+    m.ema_updates.fill_(3)
+
+    def folded(seq):
+        avg = seq[0]
+        for n, x in enumerate(seq[1:]):
+            d = (1.0 + n) / (10.0 + n)
+            avg = d * avg + (1 - d) * x
+        return avg
+
+    assert torch.allclose(m.gen_ema.state_dict()[name], folded(w), atol=1e-6)
+    # BatchNorm statistics are averaged like the weights, not copied from the live generator
+    assert not torch.allclose(stats[-1], folded(stats))
+    assert torch.allclose(m.gen_ema.state_dict()[bn], folded(stats), atol=1e-6)
+    # without warm-up no counter is kept, so run folders written before the key still load
+    assert "ema_updates" not in _method(crop_px=32, attn_scale=8, ema=0.5).state_dict()
+    with pytest.raises(ConfigError, match="ema_buffers"):
+        _cfg(ema=0.9, ema_buffers="median")

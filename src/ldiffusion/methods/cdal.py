@@ -141,6 +141,13 @@ class CDALConfig(MethodConfig):
             probability of the true class >= 0.99 for up to 20 classes.
         ema: decay of an exponential moving average of the generator weights, used at inference and
             validation (None = off: the paper and the MoNuSeg / CXR code; the Hippocampus code: 0.999).
+        ema_warmup: timm's warm-up of that average: the n-th fold (n = 0, 1, ...) uses the decay
+            min(ema, (1 + n) / (10 + n)), so a run of a few hundred steps is not dominated by its first
+            weights (False = a constant decay, the Hippocampus code). Not in the paper; as the U-Net's `ema`.
+        ema_buffers: what the average does with the generator's buffers (its BatchNorm statistics):
+            "copy" them from the live generator (the Hippocampus code) or "average" the floating-point
+            ones like the weights, so that averaged weights meet statistics of the same steps (timm's
+            practice, as the U-Net's `ema`).
         val_n_samples: chains per image in the validation predictions that choose the checkpoint
             (None = ``n_samples``, so validation scores what `predict` outputs). Not in the paper: each
             chain is T generator passes, so 5 chains make validation about a fifth of a CPU run's clock.
@@ -191,6 +198,8 @@ class CDALConfig(MethodConfig):
     aux_dice: float = 0.0
     aux_temperature: float = 0.25
     ema: float | None = None
+    ema_warmup: bool = False
+    ema_buffers: Literal["copy", "average"] = "copy"
     val_n_samples: int | None = None
 
     def __post_init__(self) -> None:
@@ -286,6 +295,7 @@ class CDALMethod(ClassCounting, Segmenter):
     """
 
     name: ClassVar[str] = "cdal"
+    ema_updates: Tensor | None
     config_cls: ClassVar[type[MethodConfig]] = CDALConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": _preset("tiny", **_SHARED_TRAINING, T=2, lazy_r1=2, steps=30, n_samples=2, attn_scale=16,
@@ -335,6 +345,9 @@ class CDALMethod(ClassCounting, Segmenter):
                 p.requires_grad_(False)
         # 1 when an optimiser step has run since the EMA was last updated (part of train_state.pt)
         self.register_buffer("ema_pending", torch.zeros((), dtype=torch.int64))
+        # folds made so far (ema_warmup only, so that run folders written without it still load)
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.int64)
+                             if cfg.ema is not None and cfg.ema_warmup else None)
         self.attn_feature_index = self._resolve_attn_index(cfg)
         # counts training steps (lazy R1); saved in train_state.pt, not in model.safetensors
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.long))
@@ -385,14 +398,25 @@ class CDALMethod(ClassCounting, Segmenter):
         self._sync_ema()
         return self.gen_ema if self.gen_ema is not None else self.gen
 
+    def ema_decay(self) -> float:
+        """Return the decay of the next fold: ``ema``, or min(ema, (1 + n) / (10 + n)) with ``ema_warmup``."""
+        cfg = self.cfg
+        assert isinstance(cfg, CDALConfig) and cfg.ema is not None
+        if self.ema_updates is None:
+            return cfg.ema
+        n = int(self.ema_updates)
+        return min(cfg.ema, (1.0 + n) / (10.0 + n))
+
     @torch.no_grad()
     def _sync_ema(self) -> None:
-        """Fold the weights of the last optimiser step into the EMA (once per step; buffers copied)."""
+        """Fold the weights of the last optimiser step into the EMA (once per step; see ``ema_buffers``)."""
         if self.gen_ema is None or int(self.ema_pending) == 0:
             return
         cfg = self.cfg
-        assert isinstance(cfg, CDALConfig) and cfg.ema is not None
-        fold_ema(self.gen_ema, self.gen, cfg.ema)
+        assert isinstance(cfg, CDALConfig)
+        fold_ema(self.gen_ema, self.gen, self.ema_decay(), average_buffers=cfg.ema_buffers == "average")
+        if self.ema_updates is not None:
+            self.ema_updates += 1
         self.ema_pending.zero_()
 
     def preprocess(self, images: Tensor) -> Tensor:

@@ -237,7 +237,7 @@ def test_uncertainty_sd_is_positive_where_runs_disagree():
     m.eval()
 
     class StubDecoder(torch.nn.Module):  # class map = sign pattern of the latent: runs disagree
-        def forward(self, z):
+        def forward(self, z, skips=None):
             up = z.repeat_interleave(16, -1).repeat_interleave(16, -2)
             return torch.cat([up, -up, torch.zeros_like(up)], 1)
 
@@ -474,3 +474,36 @@ def test_small_preset_uses_the_resnet_encoder_at_stride_8_and_paper_keeps_the_pa
     assert zi.shape == (1, 1, 8, 8)  # one value per 8 x 8 block
     paper = LDSegSegmenter.presets["paper"]
     assert paper.get("image_downsampler", "encoder") == "encoder" and paper.get("latent_stride", 16) == 16
+
+
+@pytest.mark.parametrize("stride", [4, 8, 16])
+def test_decoder_skips_feed_the_image_features_finer_than_the_latent(stride):
+    m = make(image_downsampler="resnet18", latent_stride=stride, decoder_skips=True)
+    unzero(m)
+    # the decoder blocks at the strides finer than the latent take the encoder's features of that stride
+    expected = {s: c for s, c in {2: 64, 4: 64, 8: 128}.items() if s < stride}
+    assert m.decoder.skip_channels == expected
+    for block, st in zip(m.decoder.blocks, m.decoder.block_strides, strict=True):
+        assert block.body[0].in_channels == block.body[0].out_channels + expected.get(st, 0)
+    b = batch(2)
+    g = torch.Generator().manual_seed(0)
+    loss = m.training_step(b, g, "main")["model"]
+    loss.backward()
+    # the skip features reach the loss: the encoder's stem gets a gradient through them as well
+    assert m.image_encoder.body.stem[0].weight.grad is not None
+    p = m.eval().predict_proba(b["image"][:1], generator=torch.Generator().manual_seed(0))
+    assert p.shape == (1, K, 64, 64)
+    # the latent still matters: two latents decode to different logits with the same image features
+    x = m.preprocess(b["image"][:1])
+    zi, skips = m.encode_image(x)
+    z = torch.randn(2, 1, *zi.shape[2:], generator=torch.Generator().manual_seed(3))
+    two = m.decoder(z, {s: f.expand(2, -1, -1, -1) for s, f in skips.items()})
+    assert not torch.allclose(two[0], two[1])
+    with pytest.raises(InputError, match="strides"):
+        m.decoder(z)
+
+
+def test_decoder_skips_need_the_resnet_image_encoder():
+    with pytest.raises(ConfigError, match="decoder_skips"):
+        make(decoder_skips=True)
+    assert make(image_downsampler="resnet18", latent_stride=8).decoder.skip_channels == {}

@@ -281,6 +281,13 @@ class LDSegConfig(MethodConfig):
             image condition alone carries the label, while uniform t puts about a fifth of the draws
             where abar_t < 0.1; most steps then train the label encoder and decoder as an
             autoencoder through z_t (issue 20).
+        decoder_skips: the label decoder also receives the ResNet image encoder's features at the
+            strides finer than the latent (1/2 and 1/4 at stride 8), concatenated before its blocks of
+            that resolution. Not in the paper, whose decoder sees the denoised latent only: a one-channel
+            latent at 1/s cannot carry nucleus outlines (issue 20). Needs ``image_downsampler`` "resnet18"
+            or "resnet34". The class of a region can still come from the latent, but the decoder may also
+            learn to read it from the image features; the spread of the runs (`predict_with_uncertainty`)
+            shows how much the latent still decides.
     """
 
     arch: Literal["tiny", "small", "paper"] = "tiny"
@@ -316,6 +323,7 @@ class LDSegConfig(MethodConfig):
     latent_channels: int = 1
     image_latent_channels: int = 1
     grid_t_share: float = 0.0
+    decoder_skips: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -338,6 +346,9 @@ class LDSegConfig(MethodConfig):
         check_range("latent_channels", self.latent_channels, 1)
         check_range("image_latent_channels", self.image_latent_channels, 1)
         check_range("grid_t_share", self.grid_t_share, 0.0, 1.0)
+        if self.decoder_skips and not self.image_downsampler.startswith("resnet"):
+            raise ConfigError(f"decoder_skips=true needs image_downsampler 'resnet18' or 'resnet34', got "
+                              f"{self.image_downsampler!r}")
         div = ldseg_size_divisor(self.latent_stride)
         if self.crop_px % div:
             raise ConfigError(f"crop_px={self.crop_px} should be divisible by {div} for LDSeg with "
@@ -393,7 +404,8 @@ class LDSegSegmenter(ClassCounting, Segmenter):
                                 latent_stride=cfg.latent_stride, label_downsampler=cfg.label_downsampler,
                                 image_downsampler=cfg.image_downsampler,
                                 latent_channels=cfg.latent_channels,
-                                image_latent_channels=cfg.image_latent_channels)
+                                image_latent_channels=cfg.image_latent_channels,
+                                decoder_skips=cfg.decoder_skips)
         self.label_encoder = nets["label_encoder"]
         self.image_encoder = nets["image_encoder"]
         self.denoiser = nets["denoiser"]
@@ -430,6 +442,14 @@ class LDSegSegmenter(ClassCounting, Segmenter):
             hi = x.amax(dim=(1, 2, 3), keepdim=True)
             x = (x - lo) / (hi - lo).clamp_min(1e-6)
         return x
+
+    def encode_image(self, x: Tensor) -> tuple[Tensor, dict[int, Tensor] | None]:
+        """Return z_i (B, C_i, h, w) of preprocessed images and, with `decoder_skips`, the decoder's image
+        features {stride: (B, C, H/stride, W/stride)} (else None)."""
+        if not self.lcfg.decoder_skips:
+            return self.image_encoder(x), None
+        zi, skips = self.image_encoder(x, return_skips=True)
+        return zi, skips
 
     def inference_denoiser(self) -> nn.Module:
         """Return the denoiser used at inference (the EMA copy when `ema` is on)."""
@@ -483,7 +503,7 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         """
         cfg = self.lcfg
         x = self.preprocess(images)
-        zi = self.image_encoder(x)
+        zi, skips = self.encode_image(x)
         z0 = self.label_encoder(labels)
         b = z0.shape[0]
         gdev = generator.device
@@ -498,7 +518,7 @@ class LDSegSegmenter(ClassCounting, Segmenter):
             zdn = zt - eps_hat  # [P eq. 12]
         else:
             zdn = renormalize((zt - (1 - ab).sqrt() * eps_hat) / ab.sqrt(), "sample")
-        logits = self.decoder(zdn)
+        logits = self.decoder(zdn, skips)
         return {"z0": z0, "zi": zi, "t": t, "eps": eps, "zt": zt, "eps_hat": eps_hat, "zdn": zdn,
                 "logits": logits}
 
@@ -551,12 +571,14 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         return [int(torch.randint(0, 2**62, (1,), generator=g, device=g.device).item()) for _ in range(batch)]
 
     @torch.no_grad()
-    def sample_logits(self, zi: Tensor, seeds: Sequence[int]) -> Tensor:
+    def sample_logits(self, zi: Tensor, seeds: Sequence[int],
+                      skips: dict[int, Tensor] | None = None) -> Tensor:
         """Run the DDIM sampler from z_T for each latent condition and decode.
 
         Args:
             zi: image embeddings (N, C_i, h, w).
             seeds: one seed per row of ``zi``; row n draws z_T (and eta noise) from its own generator.
+            skips: the decoder's image features of the same rows (`decoder_skips`), else None.
 
         Returns:
             Logits (N, K, s h, s w) for the latent stride s.
@@ -582,14 +604,14 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         if cfg.call_at_zero:  # the code's extra call at tau_0 = 0: abar = 1, identity update
             eps_hat = den(torch.cat([z, zi], dim=1), torch.zeros(n, device=zi.device))
             z = renormalize(ddim_update(z, eps_hat, 1.0, 1.0), cfg.renorm)
-        return self.decoder(z).float()
+        return self.decoder(z, skips).float()
 
     @torch.no_grad()
     def _runs(self, images: Tensor, generator: torch.Generator | None, n_samples: int,
               ) -> tuple[Tensor, Tensor]:
         """Return (mean of one-hot masks, mean of softmax maps), each (B, K, H, W), over n_samples runs."""
         cfg = self.lcfg
-        zi = self.image_encoder(self.preprocess(images))
+        zi, skips = self.encode_image(self.preprocess(images))
         b = zi.shape[0]
         base = self._run_seeds(b, generator)
         pairs = [(i, s) for i in range(b) for s in range(n_samples)]
@@ -603,7 +625,8 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         soft_sum = torch.zeros(b, k, h, w, device=images.device)
         for chunk in chunks:
             idx = torch.tensor([i for i, _ in chunk], device=zi.device)
-            logits = self.sample_logits(zi[idx], [derive_seed(base[i], s) for i, s in chunk])
+            rows = None if skips is None else {st: f[idx] for st, f in skips.items()}
+            logits = self.sample_logits(zi[idx], [derive_seed(base[i], s) for i, s in chunk], rows)
             probs = torch.softmax(logits, dim=1)
             onehot = F.one_hot(probs.argmax(1), k).permute(0, 3, 1, 2).to(probs.dtype)
             onehot_sum.index_add_(0, idx, onehot)

@@ -588,6 +588,8 @@ class LabelDecoder(nn.Module):
         out_bn: BatchNorm on the logits as in the code.
         latent_stride: s in (4, 8, 16).
         latent_channels: C_z (1 = paper).
+        skip_channels: {stride: channels} of image features concatenated before the block whose output
+            has that stride (not in the paper, whose decoder has no skips; `decoder_skips`). None = none.
     """
 
     def __init__(
@@ -598,6 +600,7 @@ class LabelDecoder(nn.Module):
         out_bn: bool = True,
         latent_stride: int = LATENT_FACTOR,
         latent_channels: int = 1,
+        skip_channels: dict[int, int] | None = None,
     ) -> None:
         super().__init__()
         if len(widths) != 4:
@@ -606,27 +609,38 @@ class LabelDecoder(nn.Module):
         ups: list[nn.Module] = []
         blocks = []
         self.latent_channels = int(latent_channels)
+        self.skip_channels = dict(skip_channels or {})
+        #: stride of each block's output
+        self.block_strides = [latent_stride if i < n_keep else latent_stride >> (i - n_keep + 1)
+                              for i in range(len(widths))]
         ch = self.latent_channels
         for i, w in enumerate(widths):
             if i < n_keep:
                 ups.append(nn.Conv2d(ch, w, 3, padding=1))
             else:
                 ups.append(nn.ConvTranspose2d(ch, w, 3, stride=2, padding=1, output_padding=1))
-            blocks.append(ResConvBlock(w, w, dropout))
+            blocks.append(ResConvBlock(w + self.skip_channels.get(self.block_strides[i], 0), w, dropout))
             ch = w
         self.ups = nn.ModuleList(ups)
         self.blocks = nn.ModuleList(blocks)
         self.out = nn.Conv2d(ch, num_classes, 1)
         self.out_bn: nn.Module = nn.BatchNorm2d(num_classes) if out_bn else nn.Identity()
 
-    def forward(self, z: Tensor) -> Tensor:
-        """Return logits (B, K, s h, s w) for a latent z (B, C_z, h, w)."""
+    def forward(self, z: Tensor, skips: dict[int, Tensor] | None = None) -> Tensor:
+        """Return logits (B, K, s h, s w) for a latent z (B, C_z, h, w) and, with `skip_channels`, the
+        image features ``skips`` {stride: (B, skip_channels[stride], s h / stride, s w / stride)}."""
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
             raise InputError(f"LabelDecoder: expected a latent (B, {self.latent_channels}, h, w), "
                              f"got {tuple(z.shape)}")
+        if set(self.skip_channels) - set(skips or {}):
+            raise InputError(f"LabelDecoder: needs image features at strides {sorted(self.skip_channels)}, "
+                             f"got {sorted(skips or {})}")
         h = z
-        for up, block in zip(self.ups, self.blocks, strict=True):
-            h = block(up(h))
+        for up, block, stride in zip(self.ups, self.blocks, self.block_strides, strict=True):
+            h = up(h)
+            if stride in self.skip_channels:
+                h = torch.cat([h, skips[stride].to(h.dtype)], dim=1)  # type: ignore[index]
+            h = block(h)
         return self.out_bn(self.out(F.silu(h)))
 
 
@@ -645,6 +659,7 @@ def build_ldseg_nets(
     image_downsampler: Literal["encoder", "nearest", "resnet18", "resnet34"] = "encoder",
     latent_channels: int = 1,
     image_latent_channels: int = 1,
+    decoder_skips: bool = False,
 ) -> nn.ModuleDict:
     """Build the four LDSeg modules from a preset dict (see `ldseg_preset`).
 
@@ -662,6 +677,8 @@ def build_ldseg_nets(
             gives 1).
         image_latent_channels: C_i, channels of the image condition z_i (1 = paper; the "nearest" image
             down-sampler gives 1).
+        decoder_skips: the label decoder also receives the ResNet image encoder's features finer than the
+            latent (not in the paper; needs ``image_downsampler`` "resnet18" / "resnet34").
 
     Returns:
         ``ModuleDict`` with keys "label_encoder", "image_encoder", "denoiser", "decoder".
@@ -680,6 +697,9 @@ def build_ldseg_nets(
             raise ConfigError(f"{key}={value} should be >= 1")
         if sampler == "nearest" and int(value) != 1:
             raise ConfigError(f"{key}={value} needs a learned down-sampler: 'nearest' gives 1 channel")
+    if decoder_skips and not image_downsampler.startswith("resnet"):
+        raise ConfigError(f"decoder_skips needs image_downsampler 'resnet18' or 'resnet34', got "
+                          f"{image_downsampler!r}")
     from ldiffusion.nets.ldseg_nearest import (  # imports this module
         NearestImageDownsampler,
         NearestLabelDownsampler,
@@ -718,6 +738,8 @@ def build_ldseg_nets(
                                       tuple(p["denoiser_widths"]), p["temb_dim"],
                                       out_channels=latent_channels),
             "decoder": LabelDecoder(num_classes, tuple(p["decoder_widths"]), drop, out_bn=decoder_bn,
-                                    latent_stride=latent_stride, latent_channels=latent_channels),
+                                    latent_stride=latent_stride, latent_channels=latent_channels,
+                                    skip_channels=getattr(image_enc, "skip_channels", None) if decoder_skips
+                                    else None),
         }
     )

@@ -5,7 +5,8 @@ has four down blocks of 32-64 channels and two self-attention layers. This one r
 `ResUNet` whose decoder stops at the latent scale 1/s and emits C_i channels (1 as in the paper unless
 ``image_latent_channels`` says otherwise), and keeps the paper's tail (self-attention -> SiLU ->
 BatchNorm), so the conditioning z_i keeps its shape (B, C_i, H/s, W/s) and the denoiser, label encoder
-and decoder are unchanged.
+and decoder are unchanged. With ``return_skips`` it also hands out its encoder features finer than 1/s,
+for a label decoder with skip connections (``decoder_skips``, not in the paper).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldiffusion.nets.ldseg import MHSA2d, check_ldseg_input, ldseg_size_divisor
-from ldiffusion.nets.res_unet import ResUNet
+from ldiffusion.nets.res_unet import FEATURE_CHANNELS, ResUNet
 
 __all__ = ["ResNetImageEncoder"]
 
@@ -43,7 +44,19 @@ class ResNetImageEncoder(nn.Module):
         self.out_attn = MHSA2d(out_channels, 1, groups=1)
         self.out_bn = nn.BatchNorm2d(out_channels)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Encode images (B, C_in, H, W), H, W divisible by ``divisor``, into z_i (B, C_i, H/s, W/s)."""
+        self.latent_stride = latent_stride
+        #: channels of the skip features `forward` returns with ``return_skips``, by stride (< s)
+        self.skip_channels = {st: c for st, c in FEATURE_CHANNELS.items() if st < latent_stride}
+
+    def forward(self, x: Tensor, return_skips: bool = False) -> Tensor | tuple[Tensor, dict[int, Tensor]]:
+        """Encode images (B, C_in, H, W), H, W divisible by ``divisor``, into z_i (B, C_i, H/s, W/s).
+
+        With ``return_skips`` return (z_i, {stride: encoder feature (B, skip_channels[stride], H/stride,
+        W/stride)}) for the strides finer than s.
+        """
         check_ldseg_input(x, "ResNetImageEncoder", self.in_channels, self.divisor)
-        return self.out_bn(F.silu(self.out_attn(self.body(x))))
+        feats = self.body.encode(x)
+        zi = self.out_bn(F.silu(self.out_attn(self.body.decode(feats))))
+        if not return_skips:
+            return zi
+        return zi, {2 ** (i + 1): f for i, f in enumerate(feats) if 2 ** (i + 1) < self.latent_stride}

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ldiffusion.core.errors import ConfigError, InputError
 from ldiffusion.nets.blocks import check_input_shape
 
-__all__ = ["DECODER_WIDTHS", "RESNET_LAYERS", "ResUNet"]
+__all__ = ["DECODER_WIDTHS", "FEATURE_CHANNELS", "RESNET_LAYERS", "ResUNet"]
 
 #: basic blocks per stage of each encoder.
 RESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
@@ -25,6 +25,9 @@ _ENC_WIDTHS = (64, 128, 256, 512)
 _DEC_WIDTHS = (256, 128, 64, 32, 16)
 #: output widths of the five decoder blocks (1/16 .. full resolution).
 DECODER_WIDTHS = _DEC_WIDTHS
+#: channels of the encoder feature at each stride (the entries of `ResUNet.encode`'s list).
+FEATURE_CHANNELS: dict[int, int] = {2: 64, 4: _ENC_WIDTHS[0], 8: _ENC_WIDTHS[1], 16: _ENC_WIDTHS[2],
+                                    32: _ENC_WIDTHS[3]}
 
 
 def _conv_bn_relu(in_ch: int, out_ch: int) -> nn.Sequential:
@@ -113,12 +116,22 @@ class ResUNet(nn.Module):
         Returns:
             logits (B, num_classes, H / out_stride, W / out_stride).
         """
+        return self.decode(self.encode(x), film)
+
+    def encode(self, x: Tensor) -> list[Tensor]:
+        """Return the encoder features of images (B, C_in, H, W) at 1/2, 1/4, 1/8, 1/16 and 1/32
+        (channels `FEATURE_CHANNELS`)."""
         check_input_shape(x, self.divisor, "ResUNet", self.in_channels)
         feats = [self.stem(x)]  # 1/2
         y = self.pool(feats[0])
         for stage in self.stages:
             y = stage(y)
             feats.append(y)  # 1/4, 1/8, 1/16, 1/32
+        return feats
+
+    def decode(self, feats: list[Tensor], film: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        """Return logits (B, K, H / out_stride, W / out_stride) from `encode`'s features (see `forward`)."""
+        y = feats[4]
         skips = [feats[3], feats[2], feats[1], feats[0], None]
         if film is not None and len(film) != len(self.decoder):
             raise InputError(f"ResUNet: film needs {len(self.decoder)} (scale, shift) pairs, got {len(film)}")

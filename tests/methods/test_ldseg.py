@@ -472,8 +472,10 @@ def test_small_preset_uses_the_resnet_encoder_at_stride_8_and_paper_keeps_the_pa
     assert isinstance(m.image_encoder, ResNetImageEncoder)
     zi = m.image_encoder(m.preprocess(torch.rand(1, 3, 64, 64)))
     assert zi.shape == (1, 1, 8, 8)  # one value per 8 x 8 block
+    assert m.decoder.skip_channels == {2: 64, 4: 64}  # twenty-first run: skips into the label decoder
     paper = LDSegSegmenter.presets["paper"]
     assert paper.get("image_downsampler", "encoder") == "encoder" and paper.get("latent_stride", 16) == 16
+    assert not paper.get("decoder_skips", False)
 
 
 @pytest.mark.parametrize("stride", [4, 8, 16])

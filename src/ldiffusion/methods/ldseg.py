@@ -18,7 +18,8 @@ before every step). An exponential moving average of the denoiser (`ema`, code-o
 inference. The latent stride s (`latent_stride`) is 16 in the paper; 8 and 4 keep more label detail.
 Table V's ablation replaces either encoder by nearest-neighbour down-sampling
 (`label_downsampler`, `image_downsampler` = "nearest"). Off the paper, `latent_channels` and
-`image_latent_channels` widen the one-channel z0 and z_i.
+`image_latent_channels` widen the one-channel z0 and z_i, and `decoder_skips` (on in `small`) hands the label
+decoder the ResNet image encoder's features finer than the latent: Dec(z_dn, skips).
 
 Inference ([P §V-B], METHODS Part 2 §4): DDIM in the latent on the grid
 tau_j = round(j (T-1) / (K-1)), j = 0..K-1 (K = `ddim_steps` >= 2, default 2, i.e. {T-1, 0}), starting

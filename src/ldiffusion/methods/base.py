@@ -377,6 +377,17 @@ def inference_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def warmup_ema_decay(decay: float, n: int) -> float:
+    """Return the decay of the n-th average step (n = 0, 1, ...) with timm's warm-up:
+    min(decay, (1 + n) / (10 + n)).
+
+    Example:
+        >>> warmup_ema_decay(0.99, 0), warmup_ema_decay(0.99, 10_000)
+        (0.1, 0.99)
+    """
+    return min(decay, (1.0 + n) / (10.0 + n))
+
+
 @torch.no_grad()
 def fold_ema(ema: nn.Module, live: nn.Module, decay: float, *, average_buffers: bool = False) -> None:
     """One exponential-moving-average step: ema <- decay * ema + (1 - decay) * live for parameters.

@@ -79,6 +79,7 @@ from ldiffusion.methods.base import (
     Stage,
     fold_ema,
     inference_autocast,
+    warmup_ema_decay,
 )
 from ldiffusion.nets.cdal import CDALDiscriminator, CDALGenerator, cdal_preset
 from ldiffusion.nets.cdal_resunet import CDALResUNetGenerator
@@ -402,10 +403,7 @@ class CDALMethod(ClassCounting, Segmenter):
         """Return the decay of the next fold: ``ema``, or min(ema, (1 + n) / (10 + n)) with ``ema_warmup``."""
         cfg = self.cfg
         assert isinstance(cfg, CDALConfig) and cfg.ema is not None
-        if self.ema_updates is None:
-            return cfg.ema
-        n = int(self.ema_updates)
-        return min(cfg.ema, (1.0 + n) / (10.0 + n))
+        return cfg.ema if self.ema_updates is None else warmup_ema_decay(cfg.ema, int(self.ema_updates))
 
     @torch.no_grad()
     def _sync_ema(self) -> None:

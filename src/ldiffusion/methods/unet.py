@@ -23,7 +23,14 @@ import torch.nn.functional as F
 from ldiffusion.core.config import check_range
 from ldiffusion.core.errors import ConfigError
 from ldiffusion.losses.dice import soft_dice_loss
-from ldiffusion.methods.base import STAIN_AUGMENTATION, MethodConfig, Segmenter, fold_ema, inference_autocast
+from ldiffusion.methods.base import (
+    STAIN_AUGMENTATION,
+    MethodConfig,
+    Segmenter,
+    fold_ema,
+    inference_autocast,
+    warmup_ema_decay,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -119,7 +126,7 @@ class UNetMethod(Segmenter):
         """Return the decay of the n-th average step (n = 0, 1, ...): min(ema, (1 + n) / (10 + n))."""
         cfg = self.cfg
         assert isinstance(cfg, UNetConfig) and cfg.ema is not None
-        return min(cfg.ema, (1.0 + n) / (10.0 + n))
+        return warmup_ema_decay(cfg.ema, n)
 
     @torch.no_grad()
     def _sync_ema(self) -> None:

@@ -44,7 +44,6 @@ class ResNetImageEncoder(nn.Module):
         self.out_attn = MHSA2d(out_channels, 1, groups=1)
         self.out_bn = nn.BatchNorm2d(out_channels)
 
-        self.latent_stride = latent_stride
         #: channels of the skip features `forward` returns with ``return_skips``, by stride (< s)
         self.skip_channels = {st: c for st, c in FEATURE_CHANNELS.items() if st < latent_stride}
 
@@ -59,4 +58,4 @@ class ResNetImageEncoder(nn.Module):
         zi = self.out_bn(F.silu(self.out_attn(self.body.decode(feats))))
         if not return_skips:
             return zi
-        return zi, {2 ** (i + 1): f for i, f in enumerate(feats) if 2 ** (i + 1) < self.latent_stride}
+        return zi, {st: f for st, f in zip(FEATURE_CHANNELS, feats, strict=True) if st in self.skip_channels}

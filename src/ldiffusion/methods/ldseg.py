@@ -8,8 +8,9 @@ Training (one step, [P Alg. 1], METHODS Part 2 §3)::
     z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps         # cosine schedule, T = 1000
     eps_hat = Den([z_t || z_i], t)
     z_dn = z_t - eps_hat                                 # eq. 12 literal (`zdn_mode="x0"`: exact x0)
+                                                         # `prediction="v"`: Den gives v, z_dn = x0 estimate
     p = softmax(Dec(z_dn))
-    loss = CE(p, y) + gamma (1 - Dice(p, y)) + lambda mean((eps_hat - eps)^2)
+    loss = CE(p, y) + gamma (1 - Dice(p, y)) + lambda mean((eps_hat - eps)^2)   # (v_hat - v)^2 with "v"
 
 All four networks share one Adam optimiser ("model"; the code's four Adams on one loss are the same
 thing). Its learning rate decays exponentially per epoch ([P §IV-C] "exponentially decayed"):
@@ -73,9 +74,11 @@ __all__ = [
     "cosine_alpha_bar",
     "ddim_grid",
     "ddim_update",
+    "from_v",
     "ldseg_dice",
     "lr_decay_multiplier",
     "renormalize",
+    "v_target",
 ]
 
 IGNORE = 255
@@ -125,7 +128,7 @@ def ddim_grid(T: int, k: int, round_grid: bool = True) -> Tensor:
 
 
 def ddim_update(z: Tensor, eps_hat: Tensor, abar_t: float, abar_prev: float, eta: float = 0.0,
-                noise: Tensor | None = None) -> Tensor:
+                noise: Tensor | None = None, x0: Tensor | None = None) -> Tensor:
     """One generalised DDIM step (Song et al. eq. 12) from abar_t to abar_prev; x0 is never clipped.
 
     x0 = (z - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t);
@@ -140,19 +143,43 @@ def ddim_update(z: Tensor, eps_hat: Tensor, abar_t: float, abar_prev: float, eta
         abar_prev: abar at the next (smaller) point, >= abar_t.
         eta: 0 = DDIM, 1 = DDPM-like.
         noise: N(0, I) draw of z's shape; required when s > 0.
+        x0: the clean-latent estimate when the denoiser gives it directly (`prediction="v"`); None
+            computes it from eps_hat as above.
     """
     one_m_t = 1.0 - abar_t
     one_m_p = 1.0 - abar_prev
     sigma = 0.0
     if eta > 0 and one_m_t > 0 and one_m_p > 0:
         sigma = eta * math.sqrt(one_m_p / one_m_t * (1.0 - abar_t / abar_prev))
-    x0 = (z - math.sqrt(max(one_m_t, 0.0)) * eps_hat) / math.sqrt(abar_t)
+    if x0 is None:
+        x0 = (z - math.sqrt(max(one_m_t, 0.0)) * eps_hat) / math.sqrt(abar_t)
     out = math.sqrt(abar_prev) * x0 + math.sqrt(max(one_m_p - sigma**2, 0.0)) * eps_hat
     if sigma > 0:
         if noise is None:
             raise InputError("ddim_update: eta > 0 needs a noise tensor")
         out = out + sigma * noise
     return out
+
+
+def v_target(z0: Tensor, eps: Tensor, abar: Tensor) -> Tensor:
+    """Return the velocity v = sqrt(abar) eps - sqrt(1 - abar) z0 (Salimans & Ho 2022), z0's shape.
+
+    Args:
+        z0: clean latents (B, C, h, w).
+        eps: the noise of z_t, same shape.
+        abar: abar_t broadcastable to z0, e.g. (B, 1, 1, 1).
+    """
+    return abar.sqrt() * eps - (1 - abar).sqrt() * z0
+
+
+def from_v(zt: Tensor, v: Tensor, abar: Tensor) -> tuple[Tensor, Tensor]:
+    """Return (x0, eps) of z_t = sqrt(abar) x0 + sqrt(1 - abar) eps given its velocity v, each zt's shape.
+
+    x0 = sqrt(abar) z_t - sqrt(1 - abar) v and eps = sqrt(1 - abar) z_t + sqrt(abar) v: no division by
+    sqrt(abar), so x0 stays well conditioned at t = T-1 (abar_999 = 2.4e-6), where the eps form
+    multiplies the denoiser's error by 1/sqrt(abar) = 642.
+    """
+    return abar.sqrt() * zt - (1 - abar).sqrt() * v, (1 - abar).sqrt() * zt + abar.sqrt() * v
 
 
 def lr_decay_multiplier(step: int, steps_per_epoch: int, decay: float, floor: float = 0.0) -> float:
@@ -233,7 +260,14 @@ class LDSegConfig(MethodConfig):
         gamma: weight of (1 - Dice).
         lam: weight of the latent MSE(eps_hat, eps).
         zdn_mode: "literal" z_dn = z_t - eps_hat (paper eq. 12 and code) | "x0" exact x0 estimate,
-            renormalised per sample (ablation).
+            renormalised per sample (ablation). Applies to ``prediction="eps"`` only.
+        prediction: what the denoiser outputs and the latent MSE regresses: "eps" (paper) or "v", the
+            velocity sqrt(abar) eps - sqrt(1 - abar) z0 (Salimans & Ho 2022). Not in the paper. With "v"
+            the decoder gets z_dn = the x0 estimate sqrt(abar) z_t - sqrt(1 - abar) v_hat, standardised per
+            sample as at inference, and the sampler takes x0 from v_hat directly: at t = T-1 it is then the
+            denoiser's own estimate of z0 from the image, where the eps form reads z0 from the
+            difference z_T - eps_hat, a residual of size sqrt(abar_999) = 0.0016 that the run's noise
+            decides (issue 20: two runs of `small` disagree on more than half of the pixels).
         shared_noise: one eps map per batch (code) instead of per sample (paper).
         t_per_batch: one t per batch ([P] text) instead of per sample (code).
         dice_mode: "mean_fg" soft Dice over foreground classes [D] | "code_global" (code).
@@ -297,6 +331,7 @@ class LDSegConfig(MethodConfig):
     gamma: float = 2.0
     lam: float = 1.0
     zdn_mode: Literal["literal", "x0"] = "literal"
+    prediction: Literal["eps", "v"] = "eps"
     shared_noise: bool = False
     t_per_batch: bool = False
     dice_mode: Literal["mean_fg", "code_global"] = "mean_fg"
@@ -500,9 +535,9 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         """Run the training forward pass; return every intermediate tensor (for tests and losses).
 
         Returns:
-            Dict with "z0", "eps", "zt", "eps_hat", "zdn" (B, C_z, H/s, W/s), "zi" (B, C_i, H/s, W/s),
-            "t" (B,) and
-            "logits" (B, K, H, W).
+            Dict with "z0", "eps", "zt", "eps_hat", "zdn" (B, C_z, H/s, W/s), "pred" (the denoiser's
+            output) and "target" (what it regresses: eps, or v with ``prediction="v"``), same shape,
+            "zi" (B, C_i, H/s, W/s), "t" (B,) and "logits" (B, K, H, W).
         """
         cfg = self.lcfg
         x = self.preprocess(images)
@@ -516,18 +551,26 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         eps = torch.randn(eps_shape, generator=generator, device=gdev).to(z0.device, z0.dtype).expand_as(z0)
         ab = self._abar(t).to(z0.dtype).view(b, 1, 1, 1)
         zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
-        eps_hat = self.denoiser(torch.cat([zt, zi], dim=1), t)
-        if cfg.zdn_mode == "literal":
-            zdn = zt - eps_hat  # [P eq. 12]
+        pred = self.denoiser(torch.cat([zt, zi], dim=1), t)
+        if cfg.prediction == "v":
+            target = v_target(z0, eps, ab)
+            x0_hat, eps_hat = from_v(zt, pred, ab)
+            zdn = renormalize(x0_hat, "sample")
         else:
-            zdn = renormalize((zt - (1 - ab).sqrt() * eps_hat) / ab.sqrt(), "sample")
+            target, eps_hat = eps, pred
+            if cfg.zdn_mode == "literal":
+                zdn = zt - eps_hat  # [P eq. 12]
+            else:
+                zdn = renormalize((zt - (1 - ab).sqrt() * eps_hat) / ab.sqrt(), "sample")
         logits = self.decoder(zdn, skips)
         return {"z0": z0, "zi": zi, "t": t, "eps": eps, "zt": zt, "eps_hat": eps_hat, "zdn": zdn,
-                "logits": logits}
+                "pred": pred, "target": target, "logits": logits}
 
     def training_step(self, batch: dict[str, Any], generator: torch.Generator,
                       stage: str) -> dict[str, Tensor]:
         """Return {"model": CE + gamma (1 - Dice) + lambda MSE, "log/ce", "log/dice", "log/mse"}.
+
+        MSE is the denoiser's error on its target: eps (paper) or v (``prediction="v"``).
 
         With ``class_weights="inverse_freq"`` the batch's labels are added to `class_counts` first and
         the CE is weighted by `class_weight_vector` (torch's weighted mean: sum w_y CE / sum w_y).
@@ -544,7 +587,7 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         else:
             ce = logits.sum() * 0.0
         dice = ldseg_dice(torch.softmax(logits, dim=1), labels, cfg.dice_mode)
-        mse = F.mse_loss(out["eps_hat"].float(), out["eps"].float())
+        mse = F.mse_loss(out["pred"].float(), out["target"].float())
         loss = ce + cfg.gamma * (1.0 - dice) + cfg.lam * mse
         if self.denoiser_ema is not None:
             self.ema_pending.fill_(1)
@@ -599,12 +642,17 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         n = zi.shape[0]
         for tau, tau_prev in itertools.pairwise(grid):
             t = torch.full((n,), tau, device=zi.device)
-            eps_hat = den(torch.cat([z, zi], dim=1), t)
+            pred = den(torch.cat([z, zi], dim=1), t)
             ab_t = float(cosine_alpha_bar(torch.tensor(tau), cfg.T))
             ab_p = float(cosine_alpha_bar(torch.tensor(tau_prev), cfg.T))
+            x0 = None
+            if cfg.prediction == "v":
+                x0, eps_hat = from_v(z, pred, torch.tensor(ab_t, dtype=z.dtype))
+            else:
+                eps_hat = pred
             noise = draw() if cfg.eta > 0 else None
-            z = renormalize(ddim_update(z, eps_hat, ab_t, ab_p, cfg.eta, noise), cfg.renorm)
-        if cfg.call_at_zero:  # the code's extra call at tau_0 = 0: abar = 1, identity update
+            z = renormalize(ddim_update(z, eps_hat, ab_t, ab_p, cfg.eta, noise, x0), cfg.renorm)
+        if cfg.call_at_zero:  # the code's extra call at tau_0 = 0: abar = 1, identity update (either form)
             eps_hat = den(torch.cat([z, zi], dim=1), torch.zeros(n, device=zi.device))
             z = renormalize(ddim_update(z, eps_hat, 1.0, 1.0), cfg.renorm)
         return self.decoder(z, skips).float()

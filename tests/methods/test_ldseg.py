@@ -185,6 +185,41 @@ def test_ema_tracks_the_denoiser_and_is_saved(tmp_path):
     assert torch.equal(m.predict_proba(x, generator=g()), m2.predict_proba(x, generator=g()))
 
 
+def test_whole_model_ema_averages_encoder_decoder_and_statistics_with_warm_up(tmp_path):
+    m = make(ema=0.9, ema_scope="all", image_downsampler="resnet18", latent_stride=8, decoder_skips=True)
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], 1e-2)
+    pairs = [(m.image_encoder_ema, m.image_encoder), (m.decoder_ema, m.decoder), (m.denoiser_ema, m.denoiser)]
+    before = [[t.clone() for t in e.state_dict().values()] for e, _ in pairs]
+    m.training_step(batch(), torch.Generator().manual_seed(0), "main")["model"].backward()
+    opt.step()
+    assert m.ema_decay() == pytest.approx(0.1)  # min(0.9, (1 + 0) / (10 + 0))
+    m._sync_ema()
+    assert int(m.ema_updates) == 1 and m.ema_decay() == pytest.approx(2 / 11)
+    for (ema, live), old in zip(pairs, before, strict=True):
+        for (key, e), o, (_, v) in zip(ema.state_dict().items(), old, live.state_dict().items(), strict=True):
+            want = 0.1 * o + 0.9 * v if e.is_floating_point() else v
+            assert torch.allclose(e, want, atol=1e-6), key
+    assert any("running_mean" in k for k in m.image_encoder_ema.state_dict())
+    keys = set(m.inference_state_dict())
+    assert {k.split(".")[0] for k in keys} == {"image_encoder_ema", "decoder_ema", "denoiser_ema"}
+    m.eval()
+    x = batch(2)["image"]
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    p0 = m.predict_proba(x, generator=g())
+    with torch.no_grad():  # the live weights do not predict ...
+        for p in (*m.image_encoder.parameters(), *m.decoder.parameters()):
+            p.add_(1.0)
+    assert torch.equal(m.predict_proba(x, generator=g()), p0)
+    m.save(tmp_path)  # ... and the saved averages reproduce the prediction
+    m2 = make(ema=0.9, ema_scope="all", image_downsampler="resnet18", latent_stride=8, decoder_skips=True)
+    from ldiffusion.core.io import load_weights
+
+    m2.load_inference_state_dict(load_weights(tmp_path / "model.safetensors"))
+    m2.eval()
+    assert torch.equal(m2.predict_proba(x, generator=g()), p0)
+    assert make(ema=0.9).image_encoder_ema is None and "ema_updates" not in make(ema=0.9).state_dict()
+
+
 def test_config_checks():
     with pytest.raises(ConfigError, match="divisible by 64"):
         LDSegConfig(crop_px=96)
@@ -477,9 +512,10 @@ def test_small_preset_uses_the_resnet_encoder_at_stride_8_and_paper_keeps_the_pa
     zi = m.image_encoder(m.preprocess(torch.rand(1, 3, 64, 64)))
     assert zi.shape == (1, 1, 8, 8)  # one value per 8 x 8 block
     assert m.decoder.skip_channels == {2: 64, 4: 64}  # twenty-first run: skips into the label decoder
+    assert small.prediction == "v"  # twenty-second run
     paper = LDSegSegmenter.presets["paper"]
     assert paper.get("image_downsampler", "encoder") == "encoder" and paper.get("latent_stride", 16) == 16
-    assert not paper.get("decoder_skips", False)
+    assert not paper.get("decoder_skips", False) and paper.get("prediction", "eps") == "eps"
 
 
 @pytest.mark.parametrize("stride", [4, 8, 16])
@@ -582,3 +618,5 @@ def test_v_prediction_sampler_decodes_the_denoisers_x0_at_t_max():
 def test_prediction_key_is_checked_by_name():
     with pytest.raises(ConfigError, match="prediction"):
         LDSegConfig.from_dict({"prediction": "x0"})
+    with pytest.raises(ConfigError, match="ema_scope"):
+        LDSegConfig.from_dict({"ema_scope": "decoder"})

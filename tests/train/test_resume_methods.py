@@ -1,5 +1,6 @@
 """Exact resume for the methods not covered elsewhere: L-Diffusion (3 stages), LDSeg, the autoencoder,
-the U-Net with its weight average (`ema`), cDAL with its warmed-up average of weights and statistics.
+the U-Net with its weight average (`ema`), cDAL with its warmed-up average of weights and statistics,
+LDSeg with its whole-model average (`ema_scope=all`).
 
 Each run is stopped by `fit(max_steps=...)` (checkpointed as on a wall-clock stop), resumed in a new
 method object, and must end with the same weights as an uninterrupted run. For L-Diffusion the stop
@@ -20,7 +21,8 @@ CASES = {
     # method: (overrides, crop, stop after this many optimiser steps, total steps)
     "ldiffusion": (["ae_steps=2", "diffusion_steps=2", "seg_steps=2", "val_every=0", "ckpt_every=1",
                     "batch_size=2", "ae_batch_size=2", "crt_resolution=32"], 32, 3, 6),
-    "ldseg": (["steps=4", "val_every=2", "ckpt_every=1", "batch_size=2"], 64, 2, 4),
+    "ldseg": (["steps=4", "val_every=2", "ckpt_every=1", "batch_size=2", "ema=0.9", "ema_scope=all"],
+              64, 2, 4),
     "autoencoder": (["steps=4", "val_every=2", "ckpt_every=1", "batch_size=2"], 32, 3, 4),
     "cdal": (["steps=5", "val_every=2", "ckpt_every=1", "batch_size=2", "attn_scale=8", "ema=0.9",
               "ema_warmup=true", "ema_buffers=average", "g_backbone=resnet18"], 32, 3, 5),

@@ -620,3 +620,11 @@ def test_prediction_key_is_checked_by_name():
         LDSegConfig.from_dict({"prediction": "x0"})
     with pytest.raises(ConfigError, match="ema_scope"):
         LDSegConfig.from_dict({"ema_scope": "decoder"})
+
+
+def test_a_config_written_before_the_new_keys_keeps_eps_and_the_denoiser_average():
+    """Run folders store the whole config; one written before `prediction` / `ema_scope` lacks them."""
+    small = {**LDSegSegmenter.presets["small"], "preset": "small"}
+    old = {k: v for k, v in small.items() if k != "prediction"}
+    cfg = LDSegConfig.from_dict(old)
+    assert cfg.prediction == "eps" and cfg.ema_scope == "denoiser"

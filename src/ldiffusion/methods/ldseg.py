@@ -260,7 +260,7 @@ class LDSegConfig(MethodConfig):
         dropout: dropout of the encoders and the decoder (None = the arch preset's value).
         T: diffusion steps (cosine schedule, s = 0.008).
         gamma: weight of (1 - Dice).
-        lam: weight of the latent MSE(eps_hat, eps).
+        lam: weight of the latent MSE of the denoiser on its target (eps, or v with ``prediction="v"``).
         zdn_mode: "literal" z_dn = z_t - eps_hat (paper eq. 12 and code) | "x0" exact x0 estimate,
             renormalised per sample (ablation). Applies to ``prediction="eps"`` only.
         prediction: what the denoiser outputs and the latent MSE regresses: "eps" (paper) or "v", the

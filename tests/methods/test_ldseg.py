@@ -512,7 +512,8 @@ def test_small_preset_uses_the_resnet_encoder_at_stride_8_and_paper_keeps_the_pa
     zi = m.image_encoder(m.preprocess(torch.rand(1, 3, 64, 64)))
     assert zi.shape == (1, 1, 8, 8)  # one value per 8 x 8 block
     assert m.decoder.skip_channels == {2: 64, 4: 64}  # twenty-first run: skips into the label decoder
-    assert small.prediction == "v"  # twenty-second run
+    assert small.prediction == "v" and small.ema_scope == "all"  # twenty-second run
+    assert m.image_encoder_ema is not None and m.decoder_ema is not None
     paper = LDSegSegmenter.presets["paper"]
     assert paper.get("image_downsampler", "encoder") == "encoder" and paper.get("latent_stride", 16) == 16
     assert not paper.get("decoder_skips", False) and paper.get("prediction", "eps") == "eps"
@@ -625,6 +626,6 @@ def test_prediction_key_is_checked_by_name():
 def test_a_config_written_before_the_new_keys_keeps_eps_and_the_denoiser_average():
     """Run folders store the whole config; one written before `prediction` / `ema_scope` lacks them."""
     small = {**LDSegSegmenter.presets["small"], "preset": "small"}
-    old = {k: v for k, v in small.items() if k != "prediction"}
+    old = {k: v for k, v in small.items() if k not in ("prediction", "ema_scope")}
     cfg = LDSegConfig.from_dict(old)
     assert cfg.prediction == "eps" and cfg.ema_scope == "denoiser"

@@ -510,7 +510,7 @@ def test_small_preset_uses_the_resnet_encoder_at_stride_8_and_paper_keeps_the_pa
     m = LDSegSegmenter(small, num_classes=K)
     assert isinstance(m.image_encoder, ResNetImageEncoder)
     zi = m.image_encoder(m.preprocess(torch.rand(1, 3, 64, 64)))
-    assert zi.shape == (1, 1, 8, 8)  # one value per 8 x 8 block
+    assert zi.shape == (1, 16, 8, 8)  # 16 values per 8 x 8 block (twenty-second run)
     assert m.decoder.skip_channels == {2: 64, 4: 64}  # twenty-first run: skips into the label decoder
     assert small.prediction == "v" and small.ema_scope == "all"  # twenty-second run
     assert m.image_encoder_ema is not None and m.decoder_ema is not None

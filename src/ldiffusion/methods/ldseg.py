@@ -428,13 +428,13 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         # stride 8): chosen on CoNSeP and GlaS validation at 30 minutes against the paper's encoder at
         # strides 16 and 8 (docs/results.md, 2026-12-07 seventeenth run; docs/methods.md), and in its
         # decoder's skips from that encoder: CoNSeP validation, 30 minutes, two seeds (twenty-first run),
-        # and in its denoiser's target (v, not eps) and its whole-model average (ema_scope): the same test
-        # (twenty-second run)
+        # and in its denoiser's target (v, not eps), its whole-model average (ema_scope) and a 16-channel
+        # image condition z_i: the same test (twenty-second run)
         "small": {**_SHARED_TRAINING, "precision": "auto", "arch": "small", "crop_px": 256, "steps": 660,
                   "epochs": 30, "val_every": 66, "ckpt_every": 66, "ema": 0.99, "dropout": 0.2,
                   "uncertainty_samples": 10, "lr_decay": 0.95, "lr_decay_floor": 0.1,
                   "image_downsampler": "resnet18", "latent_stride": 8, "decoder_skips": True,
-                  "prediction": "v", "ema_scope": "all", **STAIN_AUGMENTATION},
+                  "prediction": "v", "ema_scope": "all", "image_latent_channels": 16, **STAIN_AUGMENTATION},
         "paper": {**_SHARED_TRAINING, "precision": "auto", "arch": "paper", "crop_px": 512, "steps": 53000,
                   "epochs": 2500, "val_every": 2120, "ckpt_every": 2120, "ema": 0.999, "dropout": 0.2,
                   "uncertainty_samples": 100, "lr_decay": 0.999, **STAIN_AUGMENTATION},

@@ -469,8 +469,9 @@ class LDSegSegmenter(ClassCounting, Segmenter):
             if cfg.ema_scope == "all":
                 self.image_encoder_ema = copy.deepcopy(self.image_encoder).requires_grad_(False)
                 self.decoder_ema = copy.deepcopy(self.decoder).requires_grad_(False)
-                # folds done so far, for the warm-up (only with "all": older run folders lack it)
-                self.register_buffer("ema_updates", torch.zeros((), dtype=torch.int64))
+        # folds done so far, for the warm-up (only with ema_scope="all": older run folders lack it)
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.int64)
+                             if self.decoder_ema is not None else None)
         # 1 when an optimiser step has run since the EMA was last updated (part of train_state.pt).
         self.register_buffer("ema_pending", torch.zeros((), dtype=torch.int64))
         self.register_buffer("alphas_cumprod", cosine_alpha_bar(torch.arange(cfg.T), cfg.T), persistent=False)
@@ -509,8 +510,7 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         enc = self.image_encoder if encoder is None else encoder
         if not self.lcfg.decoder_skips:
             return enc(x), None
-        zi, skips = enc(x, return_skips=True)
-        return zi, skips
+        return enc(x, return_skips=True)
 
     def inference_denoiser(self) -> nn.Module:
         """Return the denoiser used at inference (the EMA copy when `ema` is on)."""
@@ -531,9 +531,7 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         """Return the decay of the next fold: `ema`, or with ``ema_scope="all"`` its warmed-up value."""
         ema = self.lcfg.ema
         assert ema is not None
-        if self.lcfg.ema_scope == "all":
-            return warmup_ema_decay(ema, int(self.ema_updates))
-        return ema
+        return ema if self.ema_updates is None else warmup_ema_decay(ema, int(self.ema_updates))
 
     @torch.no_grad()
     def _sync_ema(self) -> None:
@@ -545,9 +543,10 @@ class LDSegSegmenter(ClassCounting, Segmenter):
             fold_ema(self.denoiser_ema, self.denoiser, decay, average_buffers=True)
             fold_ema(self.image_encoder_ema, self.image_encoder, decay, average_buffers=True)
             fold_ema(self.decoder_ema, self.decoder, decay, average_buffers=True)
-            self.ema_updates += 1
         else:
             fold_ema(self.denoiser_ema, self.denoiser, decay)
+        if self.ema_updates is not None:
+            self.ema_updates += 1
         self.ema_pending.zero_()
 
     def _abar(self, t: Tensor) -> Tensor:

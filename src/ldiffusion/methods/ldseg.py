@@ -329,6 +329,10 @@ class LDSegConfig(MethodConfig):
             or "resnet34". The class of a region can still come from the latent, but the decoder may also
             learn to read it from the image features; the spread of the runs (`predict_with_uncertainty`)
             shows how much the latent still decides.
+        decoder_widths: the label decoder's 4 block widths, coarse to fine (None = the arch preset's,
+            (32, 64, 64, 32) in `small` and `paper`, the code's). Not in the paper when set: at stride 8
+            the last two blocks run at 1/2 and 1/1 of the input, where 64 and 32 channels cost about half
+            of a `small` training step on a CPU (a library U-Net decodes with 32 and 16 there).
     """
 
     arch: Literal["tiny", "small", "paper"] = "tiny"
@@ -367,6 +371,7 @@ class LDSegConfig(MethodConfig):
     image_latent_channels: int = 1
     grid_t_share: float = 0.0
     decoder_skips: bool = False
+    decoder_widths: tuple[int, int, int, int] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -389,6 +394,8 @@ class LDSegConfig(MethodConfig):
         check_range("latent_channels", self.latent_channels, 1)
         check_range("image_latent_channels", self.image_latent_channels, 1)
         check_range("grid_t_share", self.grid_t_share, 0.0, 1.0)
+        for i, w in enumerate(self.decoder_widths or ()):
+            check_range(f"decoder_widths[{i}]", w, 1)
         if self.decoder_skips and not self.image_downsampler.startswith("resnet"):
             raise ConfigError(f"decoder_skips=true needs image_downsampler 'resnet18' or 'resnet34', got "
                               f"{self.image_downsampler!r}")
@@ -446,7 +453,10 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         if not isinstance(cfg, LDSegConfig):  # pragma: no cover - checked by the base class
             raise ConfigError("LDSegSegmenter needs an LDSegConfig")
         latent = cfg.crop_px // cfg.latent_stride
-        nets = build_ldseg_nets(ldseg_preset(cfg.arch), num_classes, in_channels, label_input=cfg.label_input,
+        widths = ldseg_preset(cfg.arch)
+        if cfg.decoder_widths is not None:
+            widths["decoder_widths"] = tuple(cfg.decoder_widths)
+        nets = build_ldseg_nets(widths, num_classes, in_channels, label_input=cfg.label_input,
                                 latent_affine=cfg.latent_affine, latent_hw=(latent, latent),
                                 dropout=cfg.dropout, decoder_bn=cfg.decoder_bn,
                                 latent_stride=cfg.latent_stride, label_downsampler=cfg.label_downsampler,

@@ -513,10 +513,12 @@ def test_small_preset_uses_the_resnet_encoder_at_stride_8_and_paper_keeps_the_pa
     assert zi.shape == (1, 16, 8, 8)  # 16 values per 8 x 8 block (twenty-second run)
     assert m.decoder.skip_channels == {2: 64, 4: 64}  # twenty-first run: skips into the label decoder
     assert small.prediction == "v" and small.ema_scope == "all"  # twenty-second run
+    assert [blk.body[0].out_channels for blk in m.decoder.blocks] == [32, 64, 32, 16]  # twenty-third run
     assert m.image_encoder_ema is not None and m.decoder_ema is not None
     paper = LDSegSegmenter.presets["paper"]
     assert paper.get("image_downsampler", "encoder") == "encoder" and paper.get("latent_stride", 16) == 16
     assert not paper.get("decoder_skips", False) and paper.get("prediction", "eps") == "eps"
+    assert paper.get("decoder_widths") is None
 
 
 @pytest.mark.parametrize("stride", [4, 8, 16])
@@ -550,6 +552,22 @@ def test_decoder_skips_need_the_resnet_image_encoder():
     with pytest.raises(ConfigError, match="decoder_skips"):
         make(decoder_skips=True)
     assert make(image_downsampler="resnet18", latent_stride=8).decoder.skip_channels == {}
+
+
+def test_decoder_widths_key_sets_the_label_decoder_blocks():
+    """None keeps the arch preset's widths; a 4-tuple replaces them, with the skips still concatenated."""
+    assert [blk.body[0].out_channels for blk in make().decoder.blocks] == [16, 32, 32, 16]  # tiny preset
+    m = make(image_downsampler="resnet18", latent_stride=8, decoder_skips=True, decoder_widths=[8, 12, 6, 4])
+    assert [blk.body[0].out_channels for blk in m.decoder.blocks] == [8, 12, 6, 4]
+    assert [blk.body[0].in_channels for blk in m.decoder.blocks] == [8, 12 + 64, 6 + 64, 4]
+    assert m.decoder.out.in_channels == 4
+    b = batch(2)
+    m.training_step(b, torch.Generator().manual_seed(0), "main")["model"].backward()
+    assert m.eval().predict_proba(b["image"][:1]).shape == (1, K, 64, 64)
+    with pytest.raises(ConfigError, match=r"decoder_widths\[2\]"):
+        make(decoder_widths=[8, 8, 0, 8])
+    with pytest.raises(ConfigError, match="decoder_widths"):
+        make(decoder_widths=[8, 8, 8])
 
 
 # ----------------------------------------------------------------------------- v-prediction

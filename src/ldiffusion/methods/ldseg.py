@@ -330,9 +330,9 @@ class LDSegConfig(MethodConfig):
             learn to read it from the image features; the spread of the runs (`predict_with_uncertainty`)
             shows how much the latent still decides.
         decoder_widths: the label decoder's 4 block widths, coarse to fine (None = the arch preset's,
-            (32, 64, 64, 32) in `small` and `paper`, the code's). Not in the paper when set: at stride 8
-            the last two blocks run at 1/2 and 1/1 of the input, where 64 and 32 channels cost about half
-            of a `small` training step on a CPU (a library U-Net decodes with 32 and 16 there).
+            (32, 64, 64, 32), the code's; `small` sets (32, 64, 32, 16)). Not in the paper when set: at
+            stride 8 the last two blocks run at 1/2 and 1/1 of the input, where 64 and 32 channels cost
+            about half of a `small` training step on a CPU (a library U-Net decodes with 32 and 16 there).
     """
 
     arch: Literal["tiny", "small", "paper"] = "tiny"
@@ -436,12 +436,14 @@ class LDSegSegmenter(ClassCounting, Segmenter):
         # strides 16 and 8 (docs/results.md, 2026-12-07 seventeenth run; docs/methods.md), and in its
         # decoder's skips from that encoder: CoNSeP validation, 30 minutes, two seeds (twenty-first run),
         # and in its denoiser's target (v, not eps), its whole-model average (ema_scope) and a 16-channel
-        # image condition z_i: the same test (twenty-second run)
+        # image condition z_i: the same test (twenty-second run), and in its narrower label decoder at 1/2
+        # and 1/1 (32 and 16 channels, twice the steps in the same minutes): the same test (twenty-third run)
         "small": {**_SHARED_TRAINING, "precision": "auto", "arch": "small", "crop_px": 256, "steps": 660,
                   "epochs": 30, "val_every": 66, "ckpt_every": 66, "ema": 0.99, "dropout": 0.2,
                   "uncertainty_samples": 10, "lr_decay": 0.95, "lr_decay_floor": 0.1,
                   "image_downsampler": "resnet18", "latent_stride": 8, "decoder_skips": True,
-                  "prediction": "v", "ema_scope": "all", "image_latent_channels": 16, **STAIN_AUGMENTATION},
+                  "prediction": "v", "ema_scope": "all", "image_latent_channels": 16,
+                  "decoder_widths": (32, 64, 32, 16), **STAIN_AUGMENTATION},
         "paper": {**_SHARED_TRAINING, "precision": "auto", "arch": "paper", "crop_px": 512, "steps": 53000,
                   "epochs": 2500, "val_every": 2120, "ckpt_every": 2120, "ema": 0.999, "dropout": 0.2,
                   "uncertainty_samples": 100, "lr_decay": 0.999, **STAIN_AUGMENTATION},

@@ -60,7 +60,11 @@ def test_presets_resolve_and_validate():
         assert cfg.lambda_adv == 0.0 and cfg.use_attention and cfg.use_latent
         assert cfg.attn_abs and cfg.attn_norm == "minmax"
     assert CDALConfig.from_dict(CDALMethod.presets["paper"]).T == 4
-    assert CDALConfig.from_dict(CDALMethod.presets["small"]).n_samples == 5
+    # small predicts with 10 chains (chosen on CoNSeP validation) and validates with 5, as before
+    small = CDALConfig.from_dict(CDALMethod.presets["small"])
+    assert (small.n_samples, small.val_n_samples) == (10, 5)
+    paper = CDALConfig.from_dict(CDALMethod.presets["paper"])
+    assert (paper.n_samples, paper.val_n_samples) == (5, None)
     with pytest.raises(ConfigError, match="attn_norm"):
         _cfg(attn_norm="softmax")
     with pytest.raises(ConfigError, match="crop_px"):

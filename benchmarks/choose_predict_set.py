@@ -2,12 +2,12 @@
 
 Some keys change only how a trained model predicts: the draws a diffusion method averages
 (`n_samples`, LDSeg's `mean_map`), cDAL's chains, the object size filter of a contour model
-(`min_object_px`), test-time flips and rotations (`predict --tta`). This script predicts the validation
-split once per candidate setting into a
-temporary folder (deleted afterwards; nothing is written into the run folder), scores each with
-`evaluate`'s own scoring (`eval.report.evaluate_folder`, foreground classes only) and writes the
-scores and the choice as JSON. Candidates are tried in the order given, and the choice is the first
-one whose score is within `--tolerance` of the best, so list the cheapest setting first.
+(`min_object_px`), test-time flips and rotations (`predict --tta`). This script predicts the
+validation split once per candidate setting into a temporary folder (deleted afterwards; nothing is
+written into the run folder), scores each with `evaluate`'s own scoring (`eval.report.
+evaluate_folder`, foreground classes only) and writes the scores and the choice as JSON. Candidates
+are tried in the order given, and the choice is the first one whose score is within `--tolerance` of
+the best, so list the cheapest setting first.
 
 Metrics: `dice` (the dataset-level DICE over the foreground classes, `evaluate`'s headline), `obj_f1`
 (GlaS object F1, per-image mean; GlaS data sets only) or `aji` (per-image mean; data sets with
@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ldiffusion.core.errors import LDiffusionError
 from ldiffusion.core.io import write_json
 from ldiffusion.eval.report import evaluate_folder
 from ldiffusion.infer.predict import predict_folder
@@ -73,6 +74,30 @@ def choose(scores: list[float | None], tolerance: float) -> int:
     return next(i for i, s in enumerate(scores) if s is not None and s >= best - tolerance)
 
 
+def _score_candidates(args: argparse.Namespace, candidates: list[list[str]]) -> list[dict[str, Any]]:
+    """Predict the split once per candidate (into a temporary folder) and score it; one row per candidate."""
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="choose-predict-set-") as tmp:
+        for i, cand in enumerate(candidates):
+            overrides = [*args.fixed, *(kv for kv in cand if kv != "tta")]
+            segmenter: Any = load_segmenter(args.run, args.device, overrides)
+            pred = Path(tmp) / f"cand{i}"
+            t0 = time.perf_counter()
+            predict_folder(segmenter, pred, data_root=args.data, split=args.split, seed=args.seed,
+                           batch_size=args.batch_size, progress=False, tta="tta" in cand)
+            predict_s = time.perf_counter() - t0
+            result = evaluate_folder(pred, args.data, split=args.split, foreground_only=True,
+                                     instances=args.metric == "aji", progress=False)
+            score = headline(result, args.metric)
+            rows.append({"candidate": cand, "overrides": overrides, "score": score, "predict_s": predict_s,
+                         "dice": result["semantic"]["dice"],
+                         "obj_f1": (result.get("gland") or {}).get("f1")})
+            shown = "undefined" if score is None else f"{100 * score:.2f} %"
+            print(f"{' '.join(cand) or 'none':<40} {args.metric} {shown}  (predict {predict_s:.0f} s)",
+                  flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,32 +123,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         candidates = [parse_candidate(c) for c in args.candidate]
-        parse_candidate(",".join(args.fixed) or "none")
+        if any("=" not in kv or kv.startswith("=") for kv in args.fixed):
+            raise ValueError(f"--fixed {args.fixed}: expected KEY=VALUE items")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.out is not None and args.out.exists():
         print(f"error: --out {args.out}: exists; refusing to overwrite it", file=sys.stderr)
         return 2
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="choose-predict-set-") as tmp:
-        for i, cand in enumerate(candidates):
-            overrides = [*args.fixed, *(kv for kv in cand if kv != "tta")]
-            segmenter: Any = load_segmenter(args.run, args.device, overrides)
-            pred = Path(tmp) / f"cand{i}"
-            t0 = time.perf_counter()
-            predict_folder(segmenter, pred, data_root=args.data, split=args.split, seed=args.seed,
-                           batch_size=args.batch_size, progress=False, tta="tta" in cand)
-            predict_s = time.perf_counter() - t0
-            result = evaluate_folder(pred, args.data, split=args.split, foreground_only=True,
-                                     instances=args.metric == "aji", progress=False)
-            score = headline(result, args.metric)
-            rows.append({"candidate": cand, "overrides": overrides, "score": score, "predict_s": predict_s,
-                         "dice": result["semantic"]["dice"],
-                         "obj_f1": (result.get("gland") or {}).get("f1")})
-            shown = "undefined" if score is None else f"{100 * score:.2f} %"
-            print(f"{' '.join(cand) or 'none':<40} {args.metric} {shown}  (predict {predict_s:.0f} s)",
-                  flush=True)
+    try:
+        rows = _score_candidates(args, candidates)
+    except LDiffusionError as exc:  # a bad run folder, data set or key: one line, exit code 2
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         chosen = choose([r["score"] for r in rows], args.tolerance)
     except ValueError:

@@ -45,6 +45,13 @@ def test_refuses_the_test_split_and_an_existing_output(tmp_path, capsys):
                      "--out", str(out)]) == 2
     assert out.read_text() == "{}"
     assert mod.main(["--run", str(tmp_path), "--data", str(tmp_path), "--candidate", "n_samples"]) == 2
+    assert mod.main(["--run", str(tmp_path), "--data", str(tmp_path), "--candidate", "none",
+                     "--fixed", "tta"]) == 2
+    capsys.readouterr()
+    # a folder that is no run: one error line naming it, exit code 2, no traceback
+    assert mod.main(["--run", str(tmp_path / "norun"), "--data", str(tmp_path), "--candidate", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "norun" in err[0]
 
 
 def test_scores_each_candidate_on_validation_and_writes_nothing_into_the_run(synth_root, tmp_path,

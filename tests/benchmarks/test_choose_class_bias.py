@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-
-def _load():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "choose_class_bias.py"
-    spec = importlib.util.spec_from_file_location("choose_class_bias", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.benchmarks._scripts import load_script
 
 
 def test_fit_bias_undoes_an_over_predicted_class():
-    mod = _load()
+    mod = load_script("choose_class_bias")
     rng = np.random.default_rng(0)
     truth = rng.choice(3, size=4000, p=[0.7, 0.2, 0.1])
     logits = rng.normal(0.0, 1.0, (3, truth.size))
@@ -47,7 +37,7 @@ def test_set_reaches_the_validation_prediction(synth_root, tmp_path, drop_cli_lo
     assert cli(["train", "--method", "ldseg", "--preset", "tiny", "--data", str(synth_root),
                 "--out", str(run), "--set", "steps=2", "--set", "val_every=0", "--no-progress",
                 "--device", "cpu"]) == 0
-    mod = _load()
+    mod = load_script("choose_class_bias")
     fast = ["--grid", "-0.5", "0.5", "0.5", "--rounds", "1"]
     cases = (([], "pred-val-prob"), (["--set", "mean_map=softmax"], "pred-val-prob-mean_map=softmax"))
     for extra, folder in cases:
@@ -65,7 +55,7 @@ def test_set_reaches_the_validation_prediction(synth_root, tmp_path, drop_cli_lo
 def test_objective_all_does_not_flood_the_background_with_a_rare_class():
     """A class whose few true pixels look like background: the foreground objective buys its Dice by giving
     it the whole background (invisible to the foreground mean); the default objective counts that loss."""
-    mod = _load()
+    mod = load_script("choose_class_bias")
     truth = np.array([0] * 8000 + [1] * 1990 + [2] * 10)
     log_prob = np.empty((3, truth.size))
     log_prob[:, truth != 1] = np.array([[0.0], [-5.0], [-6.0]])  # background and class 2 alike

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-
-def _load():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "choose_predict_set.py"
-    spec = importlib.util.spec_from_file_location("choose_predict_set", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.benchmarks._scripts import load_script
 
 
 def test_candidates_and_the_tie_rule():
-    mod = _load()
+    mod = load_script("choose_predict_set")
     assert mod.parse_candidate("none") == []
     assert mod.parse_candidate("n_samples=8, mean_map=softmax") == ["n_samples=8", "mean_map=softmax"]
     assert mod.parse_candidate("tta") == ["tta"]
@@ -35,7 +26,7 @@ def test_candidates_and_the_tie_rule():
 
 
 def test_refuses_the_test_split_and_an_existing_output(tmp_path, capsys):
-    mod = _load()
+    mod = load_script("choose_predict_set")
     assert mod.main(["--run", str(tmp_path), "--data", str(tmp_path), "--split", "testA",
                      "--candidate", "none"]) == 2
     assert "validation split" in capsys.readouterr().err
@@ -63,7 +54,7 @@ def test_scores_each_candidate_on_validation_and_writes_nothing_into_the_run(syn
                 "--out", str(run), "--set", "steps=2", "--set", "val_every=0", "--no-progress",
                 "--device", "cpu"]) == 0
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
-    mod = _load()
+    mod = load_script("choose_predict_set")
     out = tmp_path / "choice.json"
     assert mod.main(["--run", str(run), "--data", str(synth_root), "--candidate", "none",
                      "--candidate", "n_samples=2,mean_map=softmax", "--candidate", "tta",

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
+from tests.benchmarks._scripts import load_script
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[2] / "benchmarks"
-                                                  / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-label_oracle = _load_script("label_oracle")
+label_oracle = load_script("label_oracle")
 
 
 def test_block_majority():
@@ -35,7 +25,7 @@ def test_stride_one_is_exact_and_coarser_is_worse(synth_root):
 
 
 def test_plot_curves_points(tmp_path):
-    plot_curves = _load_script("plot_curves")
+    plot_curves = load_script("plot_curves")
     import json
 
     res = {"command": "python benchmarks/accuracy.py --max-minutes 30 --tag curve", "results": [
@@ -75,14 +65,14 @@ def test_plot_curves_points(tmp_path):
 
 
 def test_plot_curves_line_tags():
-    line_tag = _load_script("plot_curves").line_tag
+    line_tag = load_script("plot_curves").line_tag
     assert [line_tag(t) for t in ("curve", "curve90", "b6-curve", "nostain-curve-30", "semantic-curve30",
                                   "nostain-segimg-5-5-20", "segimg-s2-2-1.5-6.5", "contour-b3-scale0.5")] == \
         ["", "", "b6", "nostain", "semantic", "nostain-segimg", "segimg-s2", "contour-b3-scale0.5"]
 
 
 def test_choose_min_object_picks_the_smallest_size_near_the_best():
-    mod = _load_script("choose_min_object")
+    mod = load_script("choose_min_object")
     assert mod.choose({10: 0.2, 500: 0.41, 1000: 0.415, 4000: 0.424}, 0.01) == 1000
     assert mod.choose({10: 0.2, 500: 0.41}, 0.0) == 500
     # a grid of (size, marker_threshold, marker_erosion_px): the least change within the tolerance
@@ -98,10 +88,8 @@ def test_choose_min_object_picks_the_smallest_size_near_the_best():
     assert mod.score("obj_f1", truth, pred) < 1.0 and mod.score("obj_f1", truth, truth) == 1.0
 
 
-
-
 def test_object_errors_names_the_cause_of_each_unmatched_true_object(tmp_path):
-    errors = _load_script("object_errors")
+    errors = load_script("object_errors")
     truth = np.zeros((20, 40), np.int32)
     truth[2:8, 2:8] = 1  # matched exactly
     truth[2:8, 12:18] = 2
@@ -122,7 +110,7 @@ def test_object_errors_names_the_cause_of_each_unmatched_true_object(tmp_path):
 
 def test_plot_curves_crops_axis(tmp_path):
     """--x crops: a row's own crops, else steps x its batch size, else steps x --batch-size; others named."""
-    plot_curves = _load_script("plot_curves")
+    plot_curves = load_script("plot_curves")
     import json
 
     (tmp_path / "new.json").write_text(json.dumps({"max_minutes": 90, "results": [
@@ -161,7 +149,7 @@ def test_step_times_reads_the_validation_cost(tmp_path):
     """Steps every 2 s, a validation after step 2 that adds 10 s: median 2 s, one check of 10 s."""
     import json
 
-    step_times = _load_script("step_times")
+    step_times = load_script("step_times")
     recs = [{"type": "step", "stage_index": 0, "step": 5, "elapsed_s": 100.0}]  # an earlier stage's step
     recs += [{"type": "step", "stage_index": 1, "step": s, "elapsed_s": t}
              for s, t in ((1, 2.0), (2, 4.0), (3, 16.0), (4, 18.0), (5, 20.0))]

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-
-def _load():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "module_times.py"
-    spec = importlib.util.spec_from_file_location("module_times", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.benchmarks._scripts import load_script
 
 
 def test_module_times_reports_every_child_and_the_override_takes_effect():
-    mod = _load()
+    mod = load_script("module_times")
     r = mod.module_times("ldseg", "tiny", ["decoder_widths=[4,4,4,4]"], num_classes=3, warmup=0, steps=2)
     assert set(r["modules"]) >= {"label_encoder", "image_encoder", "denoiser", "decoder"}
     assert r["forward"] > 0 and r["backward"] > 0
@@ -25,5 +16,5 @@ def test_module_times_reports_every_child_and_the_override_takes_effect():
 
 
 def test_module_times_refuses_zero_steps(capsys):
-    assert _load().main(["--method", "ldseg", "--preset", "tiny", "--steps", "0"]) == 2
+    assert load_script("module_times").main(["--method", "ldseg", "--preset", "tiny", "--steps", "0"]) == 2
     assert "--steps 0" in capsys.readouterr().err

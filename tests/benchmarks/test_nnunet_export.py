@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,18 +10,9 @@ import pytest
 from PIL import Image
 
 from ldiffusion.core.errors import DatasetFormatError, InputError
+from tests.benchmarks._scripts import load_script
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("peers_nnunet", REPO / "benchmarks" / "peers" / "nnunet.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-nn = _load()
+nn = load_script("peers/nnunet")
 
 
 def _dataset(root: Path, ignore_in: str | None = "a") -> Path:

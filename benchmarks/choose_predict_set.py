@@ -35,6 +35,9 @@ from ldiffusion.eval.report import evaluate_folder
 from ldiffusion.infer.predict import predict_folder
 from ldiffusion.methods import load_segmenter
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import headline  # a sibling script: the headline numbers of an evaluate result
+
 METRICS = ("dice", "obj_f1", "aji")
 
 
@@ -47,17 +50,6 @@ def parse_candidate(text: str) -> list[str]:
     if not items or bad:
         raise ValueError(f"--candidate {text!r}: expected 'none' or KEY=VALUE[,KEY=VALUE...][,tta]")
     return items
-
-
-def headline(result: dict[str, Any], metric: str) -> float | None:
-    """The chosen metric of an `evaluate_folder` result (a fraction), None where it is undefined."""
-    if metric == "dice":
-        return result["semantic"]["dice"]
-    if metric == "obj_f1":
-        gland = result.get("gland")
-        return None if gland is None else gland["f1"]
-    inst = result.get("instance")
-    return None if inst is None else inst["aji"]
 
 
 def choose(scores: list[float | None], tolerance: float) -> int:
@@ -88,10 +80,10 @@ def _score_candidates(args: argparse.Namespace, candidates: list[list[str]]) -> 
             predict_s = time.perf_counter() - t0
             result = evaluate_folder(pred, args.data, split=args.split, foreground_only=True,
                                      instances=args.metric == "aji", progress=False)
-            score = headline(result, args.metric)
+            scores = headline(result)  # fractions; obj_f1 / aji only where evaluate computed them
+            score = scores.get(args.metric)
             rows.append({"candidate": cand, "overrides": overrides, "score": score, "predict_s": predict_s,
-                         "dice": result["semantic"]["dice"],
-                         "obj_f1": (result.get("gland") or {}).get("f1")})
+                         "dice": scores["dice"], "obj_f1": scores.get("obj_f1")})
             shown = "undefined" if score is None else f"{100 * score:.2f} %"
             print(f"{' '.join(cand) or 'none':<40} {args.metric} {shown}  (predict {predict_s:.0f} s)",
                   flush=True)
